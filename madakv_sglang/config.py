@@ -1,0 +1,238 @@
+"""Policy configuration: one frozen, self-validating dataclass shared by the CLI, the engine and the HF path.
+
+Every knob the paper leaves open (window, theta, pooling, floors, head split, GQA reduction) is a field here,
+with the defaults we chose documented in README.md ("Defaults we chose").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Literal
+
+HccMode = Literal["global", "paper", "off"]
+HeadSplit = Literal["uniform", "demand"]
+Pooling = Literal["none", "max", "avg"]
+GqaReduce = Literal["mean", "max"]
+
+HCC_MODES: tuple[str, ...] = ("global", "paper", "off")
+HEAD_SPLITS: tuple[str, ...] = ("uniform", "demand")
+POOLINGS: tuple[str, ...] = ("none", "max", "avg")
+GQA_REDUCES: tuple[str, ...] = ("mean", "max")
+
+
+class ConfigError(ValueError):
+    """A policy setting is invalid; the message names the setting and the accepted values."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per-head, per-layer token budget B: a ratio of the prompt (0 < r <= 1) or an absolute token count.
+
+    Ratios are held as exact fractions so ``ceil(r * n)`` never suffers float rounding (0.1 * 30 is 3, not 4).
+    """
+
+    ratio: Fraction | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.tokens is None):
+            raise ConfigError("budget: give exactly one of a ratio or a token count")
+        if self.ratio is not None and not (0 < self.ratio <= 1):
+            raise ConfigError(f"budget: a ratio must be in (0, 1], got {float(self.ratio)}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ConfigError(f"budget: a token count must be >= 1, got {self.tokens}")
+
+    @classmethod
+    def parse(cls, value: str | float | int | Budget) -> Budget:
+        """``"0.1"``/``0.1`` -> ratio; ``"512"``/``512`` -> tokens. A value with a decimal point is a ratio."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, bool):
+            raise ConfigError(f"budget: expected a number, got {value!r}")
+        if isinstance(value, int):
+            return cls(tokens=value)
+        text = str(value).strip()
+        try:
+            if isinstance(value, float) or any(c in text for c in ".eE"):
+                ratio = Fraction(text)
+                if ratio > 1 and ratio.denominator == 1:
+                    return cls(tokens=int(ratio))
+                return cls(ratio=ratio)
+            return cls(tokens=int(text))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"budget: expected a ratio like 0.1 or a token count like 512, got {value!r}")
+
+    def tokens_for(self, prompt_len: int) -> int:
+        """Nominal B for a prompt of ``prompt_len`` tokens (before the floor and the prompt-length clamp)."""
+        if self.tokens is not None:
+            return self.tokens
+        assert self.ratio is not None
+        return math.ceil(self.ratio * prompt_len)
+
+    def __str__(self) -> str:
+        if self.tokens is not None:
+            return str(self.tokens)
+        assert self.ratio is not None
+        return format(float(self.ratio), "g") if self.ratio.denominator != 1 else "1.0"
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"expected on/off, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything a policy needs besides the scores. Defaults follow DESIGN §2.
+
+    Attributes:
+        policy: registry name (``madakv``, ``snapkv``, ... see ``madakv_sglang.policies.policy_names()``).
+        budget: B per head per layer on average, a ratio of the prompt or absolute tokens.
+        window: W, the last prompt tokens whose queries score the prompt (the paper's proxy tokens); always kept.
+        theta: coverage ratio for the HCC demand (smallest token set holding theta of a modality's mass).
+        pooling / pool_kernel: 1-D pooling of scores for ranking only, never across a modality boundary.
+        gqa: how the G query heads of a KV group are reduced to one score (mean or max).
+        hcc: layer allotment, ``global`` water-filling, the ``paper`` recurrence, or ``off`` (uniform).
+        cap: per-layer cap as a multiple of H*B; bounds the slots a request holds (DESIGN §3).
+        head_split: ``uniform`` (paper) or ``demand`` (proportional to per-head demand).
+        mpa: modality preference adaptation on/off (ablation).
+        min_keep: per-head floor; defaults to ``window``; must be >= window.
+        sink: attention-sink tokens kept by ``streamingllm``.
+        seed: seed of the ``random`` policy.
+        pyramid_beta: PyramidKV's ratio between the largest and the smallest layer budget's spread.
+        adakv_alpha: AdaKV's safeguard, the share of B every head keeps before the cross-head top-k.
+    """
+
+    policy: str = "madakv"
+    budget: Budget = field(default_factory=lambda: Budget(ratio=Fraction(1, 5)))
+    window: int = 32
+    theta: float = 0.9
+    pooling: Pooling = "max"
+    pool_kernel: int = 7
+    gqa: GqaReduce = "mean"
+    hcc: HccMode = "global"
+    cap: float = 1.25
+    head_split: HeadSplit = "uniform"
+    mpa: bool = True
+    min_keep: int | None = None
+    sink: int = 4
+    seed: int = 0
+    pyramid_beta: int = 20
+    adakv_alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        from madakv_sglang.policies.registry import policy_names
+
+        object.__setattr__(self, "budget", Budget.parse(self.budget))
+        names = policy_names()
+        if self.policy not in names:
+            raise ConfigError(f"policy: unknown {self.policy!r}; choose one of {', '.join(names)}")
+        _check_int("window", self.window, lo=1)
+        if not (0.0 < self.theta <= 1.0):
+            raise ConfigError(f"theta: must be in (0, 1], got {self.theta}")
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_int("pool_kernel", self.pool_kernel, lo=1)
+        if self.pool_kernel % 2 == 0:
+            raise ConfigError(f"pool_kernel: must be odd so pooling is centred, got {self.pool_kernel}")
+        _check_choice("gqa", self.gqa, GQA_REDUCES)
+        _check_choice("hcc", self.hcc, HCC_MODES)
+        if not (1.0 <= self.cap <= 64.0):
+            raise ConfigError(f"cap: must be in [1, 64] (a multiple of H*B), got {self.cap}")
+        _check_choice("head_split", self.head_split, HEAD_SPLITS)
+        if self.min_keep is not None and self.min_keep < self.window:
+            raise ConfigError(f"min_keep: must be >= window ({self.window}), got {self.min_keep}")
+        _check_int("sink", self.sink, lo=0)
+        _check_int("pyramid_beta", self.pyramid_beta, lo=1)
+        if not (0.0 <= self.adakv_alpha <= 1.0):
+            raise ConfigError(f"adakv_alpha: must be in [0, 1], got {self.adakv_alpha}")
+        if self.budget.tokens is not None and self.budget.tokens < self.window:
+            raise ConfigError(
+                f"budget: {self.budget.tokens} tokens is smaller than the window ({self.window}); "
+                "the window is always kept, so the budget must cover it"
+            )
+
+    @property
+    def floor(self) -> int:
+        """Per-head floor (>= window)."""
+        return self.window if self.min_keep is None else self.min_keep
+
+    @property
+    def cap_fraction(self) -> Fraction:
+        """The cap as an exact fraction, so caps are computed in integers (``floor(cap * H * B)``)."""
+        return Fraction(str(self.cap))
+
+    def replace(self, **changes: Any) -> PolicyConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- text forms shared by CLI flags, environment variables and per-request overrides ----
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, Any], base: PolicyConfig | None = None) -> PolicyConfig:
+        """Build from ``{field: text}`` (e.g. parsed flags or env vars), validating every value."""
+        base = base or cls()
+        changes: dict[str, Any] = {}
+        for key, raw in values.items():
+            if raw is None:
+                continue
+            if key not in _FIELD_PARSERS:
+                raise ConfigError(f"unknown policy setting {key!r}; known: {', '.join(sorted(_FIELD_PARSERS))}")
+            try:
+                changes[key] = _FIELD_PARSERS[key](raw)
+            except ConfigError as err:
+                raise ConfigError(f"{key}: {err}") from None
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: cannot parse {raw!r}") from None
+        return dataclasses.replace(base, **changes)
+
+    def to_strings(self) -> dict[str, str]:
+        """The inverse of :meth:`from_strings` (every field as text)."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                out[f.name] = "on" if value else "off"
+            elif value is None:
+                continue
+            else:
+                out[f.name] = str(value)
+        return out
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{name}: must be an integer >= {lo}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+_FIELD_PARSERS: dict[str, Any] = {
+    "policy": str,
+    "budget": Budget.parse,
+    "window": int,
+    "theta": float,
+    "pooling": str,
+    "pool_kernel": int,
+    "gqa": str,
+    "hcc": str,
+    "cap": float,
+    "head_split": str,
+    "mpa": _parse_bool,
+    "min_keep": int,
+    "sink": int,
+    "seed": int,
+    "pyramid_beta": int,
+    "adakv_alpha": float,
+}

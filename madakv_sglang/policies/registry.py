@@ -1,0 +1,48 @@
+"""A tiny typed registry of policies: a decorator to add one, lookups by name. Adding a policy = one class
+with ``name``, ``score_source`` and ``select`` + ``@register_policy``, and one row in the test matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from madakv_sglang.policies.base import Policy
+
+_POLICIES: dict[str, Policy] = {}
+_LOADED = False
+T = TypeVar("T")
+
+
+def register_policy(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: instantiate the policy and file it under ``name`` (names are unique)."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        if name in _POLICIES:
+            raise ValueError(f"policy {name!r} is registered twice")
+        _POLICIES[name] = cls()  # type: ignore[assignment]
+        return cls
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from madakv_sglang.policies import baselines, madakv  # noqa: F401  (registration side effect)
+
+
+def get_policy(name: str) -> Policy:
+    _load_builtin()
+    try:
+        return _POLICIES[name]
+    except KeyError:
+        raise KeyError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}") from None
+
+
+def policy_names() -> tuple[str, ...]:
+    """Registered names: ``full`` first, then ``madakv``, then the rest alphabetically."""
+    _load_builtin()
+    first = [n for n in ("full", "madakv") if n in _POLICIES]
+    return tuple(first + sorted(n for n in _POLICIES if n not in first))
