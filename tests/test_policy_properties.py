@@ -1,0 +1,267 @@
+"""Invariants of every policy over random shapes and budgets (DESIGN §2), plus hand-computed golden cases."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.layout import slot_count
+from madakv_sglang.policies import PolicyInputs, get_policy, policy_names
+from madakv_sglang.policies.budget import bounded_proportional_fill
+from tests.test_spec_agreement import random_request
+
+ALL = [p for p in policy_names() if p != "h2o"] + ["h2o"]
+
+
+def inputs_for(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor, lengths: list[int]) -> PolicyInputs:
+    """A batch: scores ``[R, L, H, N]`` (zeroed past each prompt), visual ``[R, N]``."""
+    return PolicyInputs(
+        visual=visual,
+        prompt_len=torch.tensor(lengths),
+        nominal_budget=torch.tensor([cfg.budget.tokens_for(n) for n in lengths]),
+        num_layers=scores.shape[1],
+        total_heads=scores.shape[2],
+        scores=scores,
+    )
+
+
+def batch(seed: int, L: int, H: int, lengths: list[int], visual_frac: float):
+    width = max(lengths)
+    scores = torch.zeros(len(lengths), L, H, width)
+    visual = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        s, v = random_request(seed + r, L, H, n, visual_frac)
+        scores[r, ..., :n], visual[r, :n] = s, v
+    return scores, visual
+
+
+shapes = dict(
+    seed=st.integers(0, 10_000),
+    L=st.integers(1, 8),
+    H=st.integers(1, 6),
+    lengths=st.lists(st.integers(1, 120), min_size=1, max_size=3),
+    visual_frac=st.sampled_from([0.0, 0.4, 0.8, 1.0]),
+    policy=st.sampled_from(ALL),
+    budget=st.sampled_from(["0.05", "0.1", "0.2", "0.5", "16", "64"]),
+    hcc=st.sampled_from(["global", "paper", "off"]),
+    head_split=st.sampled_from(["uniform", "demand"]),
+    cap=st.sampled_from([1.0, 1.25, 1.5]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(**shapes)
+def test_budget_caps_floor_and_window(seed, L, H, lengths, visual_frac, policy, budget, hcc, head_split, cap):
+    cfg = PolicyConfig(policy=policy, budget=budget, window=4, hcc=hcc, head_split=head_split, cap=cap)
+    scores, visual = batch(seed, L, H, lengths, visual_frac)
+    sel = get_policy(policy).select(inputs_for(cfg, scores, visual, lengths), cfg)
+    slots = slot_count(sel.all_head_counts)
+    for r, n in enumerate(lengths):
+        keep = sel.keep[r]
+        counts = keep.sum(-1)
+        assert torch.equal(counts, sel.head_counts[r]) and torch.equal(counts, sel.all_head_counts[r])
+        assert not keep[..., n:].any(), "nothing past the prompt"
+        window = min(4, n)
+        assert keep[..., n - window : n].all(), "window always kept"
+        B = int(sel.budget[r])
+        assert B == (n if policy == "full" else min(max(cfg.budget.tokens_for(n), min(4, n)), n))
+        if B >= n or policy == "full":
+            assert keep[..., :n].all(), "budget >= n is the identity"
+            continue
+        assert counts.min() >= min(cfg.floor, n) and counts.max() <= n, "every head within [floor, n]"
+        total = int(counts.sum())
+        if policy == "pyramidkv":
+            assert total == L * H * B
+            continue
+        assert total <= L * H * B, "the budget is a ceiling"
+        layer_cap = min(H * n, math.floor(cfg.cap_fraction * H * B))
+        if policy == "madakv" and hcc != "off":
+            assert int(counts.sum(-1).max()) <= layer_cap, "no layer above its cap, the last one included"
+            assert int(slots[r]) <= math.ceil(cfg.cap_fraction * B)
+            if hcc == "global":
+                assert total == min(L * H * B, L * layer_cap)
+        else:
+            assert total == L * H * B
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000), L=st.integers(1, 5), H=st.integers(1, 4),
+       lengths=st.lists(st.integers(10, 100), min_size=2, max_size=4), policy=st.sampled_from(ALL),
+       budget=st.sampled_from(["0.1", "0.3", "24"]))
+def test_batching_does_not_change_decisions(seed, L, H, lengths, policy, budget):
+    """A request decides the same alone and inside a padded batch (the engine batches requests)."""
+    cfg = PolicyConfig(policy=policy, budget=budget, window=4)
+    scores, visual = batch(seed, L, H, lengths, 0.5)
+    together = get_policy(policy).select(inputs_for(cfg, scores, visual, lengths), cfg)
+    for r, n in enumerate(lengths):
+        alone = get_policy(policy).select(inputs_for(cfg, scores[r : r + 1, ..., :n], visual[r : r + 1, :n], [n]), cfg)
+        assert torch.equal(alone.keep[0], together.keep[r, ..., :n])
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(40, 120), budget=st.sampled_from(["0.1", "0.2", "0.4"]),
+       hcc=st.sampled_from(["global", "paper", "off"]))
+def test_mpa_moves_budget_toward_the_attended_modality(seed, n, budget, hcc):
+    """Raising a head's attention on visual tokens never lowers its visual quota, and the split follows the
+    masses: |b_v - (b_h - W) * share| <= 1/2 unless a modality runs out of tokens."""
+    cfg = PolicyConfig(policy="madakv", budget=budget, window=4, hcc=hcc)
+    scores, visual = batch(seed, 3, 4, [n], 0.5)
+    base = get_policy("madakv").select(inputs_for(cfg, scores, visual, [n]), cfg)
+    boosted_scores = scores.clone()
+    boosted_scores[0, :, 0, :] = torch.where(visual[0], scores[0, :, 0, :] * 8, scores[0, :, 0, :])
+    boosted = get_policy("madakv").select(inputs_for(cfg, boosted_scores, visual, [n]), cfg)
+    same_budget = boosted.head_counts[0, :, 0] == base.head_counts[0, :, 0]
+    assert torch.all(boosted.kept_visual[0, :, 0][same_budget] >= base.kept_visual[0, :, 0][same_budget])
+    vis_rest = visual[0, : n - 4]
+    share_rest = scores[0, ..., : n - 4].double()
+    mass_v = (share_rest * vis_rest).sum(-1)
+    mass_t = (share_rest * ~vis_rest).sum(-1)
+    rest = base.head_counts[0] - 4
+    b_v = base.kept_visual[0] - int(visual[0, n - 4 : n].sum())
+    expected = rest.double() * mass_v / (mass_v + mass_t)
+    room = (b_v < int(vis_rest.sum())) & (rest - b_v < int((~vis_rest).sum()))
+    assert torch.all((b_v.double() - expected).abs()[room] <= 0.5 + 1e-9)
+
+
+class ThreadComm:
+    """Simulated TP ranks in threads: all-reduce and all-gather through a barrier."""
+
+    def __init__(self, ranks: int):
+        self.ranks, self.barrier, self.slots = ranks, threading.Barrier(ranks), [None] * ranks
+
+    def for_rank(self, rank: int):
+        comm = self
+
+        class Rank:
+            def _exchange(self, tensor):
+                comm.slots[rank] = tensor
+                comm.barrier.wait()
+                gathered = list(comm.slots)
+                comm.barrier.wait()
+                return gathered
+
+            def all_reduce_sum(self, tensor):
+                return sum(self._exchange(tensor))
+
+            def all_gather_heads(self, tensor):
+                return torch.cat(self._exchange(tensor), dim=2)
+
+        return Rank()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), L=st.integers(1, 5), heads_per_rank=st.integers(1, 3),
+       ranks=st.sampled_from([2, 4]), lengths=st.lists(st.integers(8, 90), min_size=1, max_size=3),
+       policy=st.sampled_from(ALL), hcc=st.sampled_from(["global", "paper", "off"]),
+       head_split=st.sampled_from(["uniform", "demand"]))
+def test_heads_partitioned_over_ranks_give_identical_kept_sets(seed, L, heads_per_rank, ranks, lengths, policy, hcc, head_split):
+    cfg = PolicyConfig(policy=policy, budget="0.2", window=4, hcc=hcc, head_split=head_split)
+    H = heads_per_rank * ranks
+    scores, visual = batch(seed, L, H, lengths, 0.5)
+    whole = get_policy(policy).select(inputs_for(cfg, scores, visual, lengths), cfg)
+    comm = ThreadComm(ranks)
+    results: list = [None] * ranks
+
+    def run(rank: int) -> None:
+        lo = rank * heads_per_rank
+        part = inputs_for(cfg, scores[:, :, lo : lo + heads_per_rank], visual, lengths)
+        part.total_heads, part.head_offset = H, lo
+        results[rank] = get_policy(policy).select(part, cfg, comm.for_rank(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert torch.equal(torch.cat([res.keep for res in results], dim=2), whole.keep)
+    for res in results:
+        assert torch.equal(res.all_head_counts, whole.all_head_counts), "every rank knows every rank's counts"
+        assert torch.equal(slot_count(res.all_head_counts, ranks), slot_count(whole.all_head_counts, ranks))
+
+
+# ---- golden cases, computed by hand (see the comments) ----
+
+
+def test_bounded_fill_golden():
+    def fill(w, lo, hi, total):
+        return bounded_proportional_fill(torch.tensor([w]), torch.tensor([lo]), torch.tensor([hi]), torch.tensor([total]))[0].tolist()
+
+    assert fill([1, 2, 3], [0, 0, 0], [10, 10, 10], 12) == [2, 4, 6]  # exactly proportional
+    assert fill([1, 1, 1], [0, 0, 0], [10, 10, 10], 10) == [4, 3, 3]  # 3.33 each, remainder to the lowest index
+    assert fill([1, 10], [2, 2], [5, 5], 8) == [3, 5]  # item 2 capped at 5, item 1 takes the rest
+    assert fill([0, 1], [1, 1], [9, 9], 6) == [1, 5]  # weight 0 stays at its floor
+
+
+def golden_request():
+    """L=2, H=2, n=8, W=2; positions 0-3 visual, 4-5 text, 6-7 window. Dyadic values keep sums exact."""
+    scores = torch.tensor(
+        [
+            [[0.75, 0.125, 0.125, 0.125, 0.25, 0.125, 1, 1], [0.0625] * 4 + [0.5, 0.25, 1, 1]],
+            [[0.125] * 4 + [0.25, 0.25, 1, 1], [0.0625] * 4 + [0.125, 0.125, 1, 1]],
+        ]
+    )
+    visual = torch.tensor([True] * 4 + [False] * 4)
+    return scores[None], visual[None]
+
+
+def kept_sets(sel) -> list[list[list[int]]]:
+    keep = sel.keep[0]
+    return [[keep[l, h].nonzero().flatten().tolist() for h in range(keep.shape[1])] for l in range(keep.shape[0])]
+
+
+def test_madakv_golden_global():
+    # Demands with theta = 0.5: L0 heads (2+1+1, 2+2+1) = 9, L1 heads (2+2+1, 2+2+1) = 10.
+    # Budget B=4: total 16, layer bounds [4, min(16, floor(1.25*2*4)=10)]; 16*9/19 = 7.58, 16*10/19 = 8.42
+    # -> floors 7, 8, the remainder to layer 0 (larger fraction) -> T = [8, 8] -> 4 per head.
+    # MPA: L0H0 share 1.125/1.5 -> b_v = floor(2*0.75+0.5) = 2: {0, 3 (tie -> later)}; L0H1 share 0.25 ->
+    # b_v = 1: {3}, b_t = 1: {4}; L1 heads share 0.5 -> {3} + {5} (ties -> later positions).
+    cfg = PolicyConfig(policy="madakv", budget=4, window=2, theta=0.5, pooling="none", hcc="global")
+    scores, visual = golden_request()
+    sel = get_policy("madakv").select(inputs_for(cfg, scores, visual, [8]), cfg)
+    assert sel.layer_totals.tolist() == [[8, 8]]
+    assert kept_sets(sel) == [[[0, 3, 6, 7], [3, 4, 6, 7]], [[3, 5, 6, 7], [3, 5, 6, 7]]]
+    assert slot_count(sel.all_head_counts).tolist() == [4]
+
+
+def test_madakv_golden_paper():
+    # R0 = 16. Layer 1: hi = min(16, 16-4, floor(1.25*16/2)=10) -> T = clamp(9, 4, 10) = 9, R = 7.
+    # Layer 2: hi = min(16, 7, floor(1.25*7)=8) = 7 -> T = clamp(10, 4, 7) = 7. Heads: [5, 4] and [4, 3].
+    # L0H0 rest 3: b_v = floor(3*0.75+0.5) = 2 -> {0, 3}, b_t = 1 -> {4}; L1H1 rest 1: b_v = 1 -> {3}.
+    # M = ceil(9/2) = 5, waste = 5*2*2 - 16 = 4.
+    cfg = PolicyConfig(policy="madakv", budget=4, window=2, theta=0.5, pooling="none", hcc="paper")
+    scores, visual = golden_request()
+    sel = get_policy("madakv").select(inputs_for(cfg, scores, visual, [8]), cfg)
+    assert sel.layer_totals.tolist() == [[9, 7]]
+    assert kept_sets(sel) == [[[0, 3, 4, 6, 7], [3, 4, 6, 7]], [[3, 5, 6, 7], [3, 6, 7]]]
+    assert slot_count(sel.all_head_counts).tolist() == [5]
+
+
+def test_snapkv_golden():
+    # B=4 per head, top 2 non-window by score, no modality split: L0H0 {0 (0.75), 4 (0.25)}.
+    cfg = PolicyConfig(policy="snapkv", budget=4, window=2, pooling="none")
+    scores, visual = golden_request()
+    assert kept_sets(get_policy("snapkv").select(inputs_for(cfg, scores, visual, [8]), cfg))[0][0] == [0, 4, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(policy="nope"), dict(budget=0), dict(budget="-0.1"), dict(budget="1.5"), dict(window=0),
+     dict(theta=0.0), dict(hcc="x"), dict(cap=0.9), dict(pool_kernel=4), dict(min_keep=2, window=4),
+     dict(budget=8, window=16)],
+)
+def test_invalid_config_is_refused_with_a_message(changes):
+    with pytest.raises(ConfigError) as err:
+        PolicyConfig(**changes)
+    assert str(err.value)
+
+
+def test_budget_ratio_is_exact():
+    assert PolicyConfig(budget="0.1").budget.tokens_for(30) == 3  # float 0.1*30 would ceil to 4
+    assert PolicyConfig(budget="512").budget.tokens_for(30) == 512
+    assert PolicyConfig.from_strings({"budget": "0.2", "mpa": "off", "hcc": "paper"}).mpa is False
