@@ -189,7 +189,8 @@ class PolicyConfig:
             try:
                 changes[key] = _FIELD_PARSERS[key](raw)
             except ConfigError as err:
-                raise ConfigError(f"{key}: {err}") from None
+                message = str(err)
+                raise ConfigError(message if message.startswith(f"{key}:") else f"{key}: {message}") from None
             except (TypeError, ValueError):
                 raise ConfigError(f"{key}: cannot parse {raw!r}") from None
         return dataclasses.replace(base, **changes)
@@ -236,3 +237,57 @@ _FIELD_PARSERS: dict[str, Any] = {
     "pyramid_beta": int,
     "adakv_alpha": float,
 }
+
+
+# ---- command-line flags (the plan CLI uses no prefix; the SGLang plugin uses "kv-") ----
+
+POLICY_FIELDS: tuple[str, ...] = tuple(_FIELD_PARSERS)
+
+_HELP = {
+    "policy": "eviction policy",
+    "budget": "per-head per-layer budget: a ratio of the prompt (0.1) or tokens (512)",
+    "window": "observation window W: last prompt tokens that score the rest; always kept",
+    "theta": "HCC coverage ratio of a modality's attention mass",
+    "pooling": "score pooling for ranking only (never across modalities)",
+    "pool_kernel": "pooling kernel size (odd)",
+    "gqa": "reduction of the query heads of a KV group",
+    "hcc": "layer allotment: global water-filling, the paper's recurrence, or off",
+    "cap": "per-layer cap as a multiple of H*B",
+    "head_split": "how a layer's cells are split over its heads",
+    "mpa": "modality preference adaptation (on/off)",
+    "min_keep": "per-head floor (default: the window)",
+    "sink": "attention-sink tokens kept by streamingllm",
+    "seed": "seed of the random policy",
+    "pyramid_beta": "PyramidKV's beta",
+    "adakv_alpha": "AdaKV's safeguard share of B",
+}
+_CHOICES = {"pooling": POOLINGS, "gqa": GQA_REDUCES, "hcc": HCC_MODES, "head_split": HEAD_SPLITS, "mpa": ("on", "off")}
+
+
+def policy_flag(field_name: str, prefix: str = "") -> str:
+    """``head_split`` -> ``--kv-head-split`` (with prefix ``kv-``)."""
+    return "--" + prefix + field_name.replace("_", "-")
+
+
+def add_policy_arguments(parser: Any, prefix: str = "", fields: tuple[str, ...] | None = None) -> None:
+    """Add one flag per PolicyConfig field; defaults and choices come from the dataclass and the registry.
+    Every flag defaults to None so callers can tell "not given" from the default."""
+    from madakv_sglang.policies.registry import policy_names
+
+    defaults = PolicyConfig().to_strings()
+    for name in fields or POLICY_FIELDS:
+        choices = policy_names() if name == "policy" else _CHOICES.get(name)
+        parser.add_argument(
+            policy_flag(name, prefix),
+            dest=prefix.replace("-", "_") + name,
+            default=None,
+            choices=choices,
+            help=f"{_HELP[name]} (default: {defaults.get(name, 'none')})",
+        )
+
+
+def config_from_arguments(namespace: Any, prefix: str = "", base: PolicyConfig | None = None) -> PolicyConfig:
+    """The PolicyConfig described by flags added with :func:`add_policy_arguments`."""
+    dest = prefix.replace("-", "_")
+    values = {name: getattr(namespace, dest + name, None) for name in POLICY_FIELDS}
+    return PolicyConfig.from_strings(values, base=base)

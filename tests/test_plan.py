@@ -1,0 +1,66 @@
+"""The plan CLI: its JSON contract, and that MadaKV moves budget to the modality a head attends to."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from madakv_sglang.plan import main
+
+
+def plan_json(capsys, *args: str) -> dict:
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_contract_and_budget(capsys):
+    report = plan_json(capsys, "--layers", "8", "--heads", "4", "--prompt", "600", "--budget", "0.1", "--policy", "madakv")
+    assert {"policy", "budget_tokens", "total_kept", "slots_kept", "layers"} <= report.keys()
+    B, L, H = report["budget_tokens"], 8, 4
+    assert B == 60
+    assert report["total_kept"] <= L * H * B
+    cap_cells = math.floor(1.25 * H * B)
+    assert all(row["total"] <= cap_cells for row in report["layers"]), "no layer above its cap"
+    assert report["slots_kept"] == max(math.ceil(row["total"] / H) for row in report["layers"])
+    assert report["slots_kept"] <= math.ceil(1.25 * B)
+    for row in report["layers"]:
+        assert [v + t for v, t in zip(row["kept_visual"], row["kept_text"])] == row["kept"]
+
+
+def test_madakv_moves_budget_to_the_visual_heads(tmp_path, capsys):
+    # Head 0 attends to the image, head 1 to the text; with MPA head 0 keeps more visual tokens than head 1,
+    # without MPA (snapkv-like ranking over all tokens) the split follows raw scores only.
+    n, W = 200, 8
+    visual = torch.zeros(n, dtype=torch.bool)
+    visual[20:140] = True
+    gen = torch.Generator().manual_seed(0)
+    psi = torch.rand(2, 2, n, generator=gen) * 0.01
+    psi[:, 0, 20:140] += 0.05  # head 0: mass on visual
+    psi[:, 1, :20] += 0.2  # head 1: mass on text
+    psi[:, 1, 140 : n - W] += 0.2
+    path = tmp_path / "scores.pt"
+    torch.save({"scores": psi, "visual": visual}, path)
+    report = plan_json(capsys, "--scores", str(path), "--budget", "0.2", "--window", str(W), "--hcc", "off")
+    for row in report["layers"]:
+        assert row["kept_visual"][0] > 0.8 * (row["kept"][0] - W), "visual-preferring head keeps mostly visual"
+        assert row["kept_text"][1] > 0.8 * (row["kept"][1] - W), "text-preferring head keeps mostly text"
+        assert sum(row["kept"]) == 2 * report["budget_tokens"]
+
+
+def test_bad_values_exit_2_with_a_message():
+    result = subprocess.run(
+        [sys.executable, "-m", "madakv_sglang.plan", "--budget", "0"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "budget" in result.stderr
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv", "streamingllm", "random"])
+def test_text_report_runs_for_every_policy(capsys, policy):
+    assert main(["--layers", "3", "--heads", "2", "--prompt", "120", "--policy", policy, "--budget", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "slots held M=" in out
