@@ -1,0 +1,10 @@
+"""Decode-path kernels (installed as ``madakv_sglang.kernels``).
+
+``headwise_decode`` is the entry point the attention backend calls. On CPU it is the torch reference
+(``madakv_sglang.reference``); GPU kernels (Triton, FlashInfer virtual requests) register here and are checked
+against that reference.
+"""
+
+from madakv_sglang.kernels.dispatch import available_backends, headwise_decode
+
+__all__ = ["available_backends", "headwise_decode"]
