@@ -5,6 +5,6 @@
 against that reference.
 """
 
-from madakv_sglang.kernels.dispatch import available_backends, headwise_decode
+from .dispatch import available_backends, headwise_decode
 
 __all__ = ["available_backends", "headwise_decode"]

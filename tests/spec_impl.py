@@ -152,7 +152,8 @@ def spec_select(
         remaining = L * H * B
         layer_total = []
         for l in range(1, L + 1):
-            hi = min(H * n, remaining - (L - l) * H * floor, math.floor(cap * remaining / (L - l + 1)))
+            hi = min(H * n, remaining - (L - l) * H * floor, math.floor(cap * remaining / (L - l + 1)),
+                     math.floor(cap * H * B))
             t = min(max(sum(demand[l - 1]), H * floor), hi)
             layer_total.append(t)
             remaining -= t

@@ -109,18 +109,21 @@ def allot_layers_global(demand: Tensor, prompt_len: Tensor, budget: Tensor, floo
 def allot_layers_paper(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction) -> Tensor:
     """``hcc="paper"``: the paper's layer-by-layer recurrence, in integers (DESIGN §2 step 4).
 
-    T_l = clamp(D_l, H*floor, min(H*n, R - (L-l)*H*floor, floor(cap * R / (L-l+1)))), R -= T_l, with
-    R starting at L*H*B. The cap binds the last layer too: without it the savings of concentrated middle layers
-    pile into the last layers and nothing is reclaimed.
+    T_l = clamp(D_l, H*floor, min(H*n, R - (L-l)*H*floor, floor(cap * R / (L-l+1)), floor(cap * H * B))),
+    R -= T_l, with R starting at L*H*B. The last term is ours: the running cap floor(cap * H * phi_l) never binds
+    the last layer (there H * phi_L = R), so without a fixed cap the savings of concentrated middle layers pile
+    into the last layers and the slot count M is not bounded by cap * B.
     """
     num_layers = demand.shape[-1]
     remaining = num_layers * heads * budget
     lo = heads * floor
+    fixed_cap = (cap.numerator * heads * budget) // cap.denominator
     out = torch.empty_like(demand)
     for layer in range(num_layers):
         layers_left = num_layers - layer  # including this one
         hi = torch.minimum(heads * prompt_len, remaining - (layers_left - 1) * heads * floor)
         hi = torch.minimum(hi, (cap.numerator * remaining) // (cap.denominator * layers_left))
+        hi = torch.minimum(hi, fixed_cap)
         out[:, layer] = torch.minimum(torch.maximum(demand[:, layer], lo), hi)
         remaining = remaining - out[:, layer]
     return out
