@@ -15,7 +15,7 @@ import sys
 import torch
 
 from madakv_sglang import hf, tiny_models
-from madakv_sglang.config import PolicyConfig
+from madakv_sglang.config import Budget, PolicyConfig
 
 POLICIES = ("full", "madakv", "snapkv", "adakv", "pyramidkv", "lookm", "streamingllm", "h2o")
 
@@ -25,7 +25,7 @@ def run(budget: str, window: int, new_tokens: int) -> list[dict]:
     rows = []
     reference: list[int] | None = None
     for policy in POLICIES:
-        cfg = PolicyConfig(policy=policy, budget=budget, window=window)
+        cfg = PolicyConfig(policy=policy, budget=Budget.parse(budget), window=window)
         result = hf.generate(model, inputs, cfg, new_tokens)
         reference = result.tokens if policy == "full" else reference
         rows.append(

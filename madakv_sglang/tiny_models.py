@@ -20,7 +20,7 @@ IMAGE_TOKEN = 500
 VIDEO_TOKEN = 501
 VISION_START = 502
 VISION_END = 503
-_TEXT = {
+_TEXT: dict[str, Any] = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -57,7 +57,9 @@ def llama(seed: int = 0, text_len: int = 40) -> Built:
     """A text-only Llama; ``input_ids`` of ``text_len`` tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = _finish(LlamaForCausalLM(LlamaConfig(**_TEXT, attn_implementation="sdpa")), seed)
+    config = LlamaConfig(**_TEXT)
+    config._attn_implementation = "sdpa"
+    model = _finish(LlamaForCausalLM(config), seed)
     generator = torch.Generator().manual_seed(seed + 1)
     return model, {"input_ids": _text_ids(text_len, generator)[None]}
 
@@ -66,7 +68,9 @@ def qwen2(seed: int = 0, text_len: int = 40) -> Built:
     """A text-only Qwen2 (q/k/v biases, unlike Llama)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    model = _finish(Qwen2ForCausalLM(Qwen2Config(**_TEXT, attn_implementation="sdpa")), seed)
+    config = Qwen2Config(**_TEXT)
+    config._attn_implementation = "sdpa"
+    model = _finish(Qwen2ForCausalLM(config), seed)
     generator = torch.Generator().manual_seed(seed + 1)
     return model, {"input_ids": _text_ids(text_len, generator)[None]}
 
@@ -96,7 +100,7 @@ def _qwen_vl_prompt(
     }
 
 
-def _qwen_vl_ids() -> dict[str, int]:
+def _qwen_vl_ids() -> dict[str, Any]:
     return {
         "image_token_id": IMAGE_TOKEN,
         "video_token_id": VIDEO_TOKEN,
