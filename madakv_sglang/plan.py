@@ -45,15 +45,7 @@ def synthetic_scores(layers: int, heads: int, prompt: int, visual_frac: float, w
 def run_plan(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor, tp: int = 1) -> dict[str, Any]:
     """The JSON report (contract: ``policy``, ``budget_tokens``, ``total_kept``, ``slots_kept``, ``layers``)."""
     layers, heads, n = scores.shape
-    inputs = PolicyInputs(
-        visual=visual[None],
-        prompt_len=torch.tensor([n]),
-        nominal_budget=torch.tensor([cfg.budget.tokens_for(n)]),
-        num_layers=layers,
-        total_heads=heads,
-        scores=scores[None],
-    )
-    sel = get_policy(cfg.policy).select(inputs, cfg)
+    sel = get_policy(cfg.policy).select(PolicyInputs.for_request(scores, visual, cfg), cfg)
     counts = sel.all_head_counts
     slots = int(slot_count(counts, tp)[0])
     kept_visual = sel.kept_visual[0]

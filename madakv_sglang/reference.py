@@ -48,19 +48,10 @@ def compress_dense(
         keys / values: per layer ``[n, H, D]``.
         visual: ``[n]`` bool modality mask.
     """
-    n, heads = keys[0].shape[0], keys[0].shape[1]
     scores = torch.stack(
         [window_scores(q, k, scale=scale, gqa=cfg.gqa) for q, k in zip(q_windows, keys)]
     )  # [L, H, n]
-    inputs = PolicyInputs(
-        visual=visual[None],
-        prompt_len=torch.tensor([n], device=visual.device),
-        nominal_budget=torch.tensor([cfg.budget.tokens_for(n)], device=visual.device),
-        num_layers=len(keys),
-        total_heads=heads,
-        scores=scores[None],
-    )
-    selection = get_policy(cfg.policy).select(inputs, cfg)
+    selection = get_policy(cfg.policy).select(PolicyInputs.for_request(scores, visual, cfg), cfg)
     layers = [compress_layer(k, v, selection.keep[0, layer]) for layer, (k, v) in enumerate(zip(keys, values))]
     return layers, selection
 

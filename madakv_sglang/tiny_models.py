@@ -53,26 +53,26 @@ def _finish(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return model.float().eval()
 
 
+def _text_model(config_cls: Any, model_cls: Any, seed: int, text_len: int) -> Built:
+    config = config_cls(**_TEXT)
+    config._attn_implementation = "sdpa"
+    model = _finish(model_cls(config), seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    return model, {"input_ids": _text_ids(text_len, generator)[None]}
+
+
 def llama(seed: int = 0, text_len: int = 40) -> Built:
     """A text-only Llama; ``input_ids`` of ``text_len`` tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**_TEXT)
-    config._attn_implementation = "sdpa"
-    model = _finish(LlamaForCausalLM(config), seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    return model, {"input_ids": _text_ids(text_len, generator)[None]}
+    return _text_model(LlamaConfig, LlamaForCausalLM, seed, text_len)
 
 
 def qwen2(seed: int = 0, text_len: int = 40) -> Built:
     """A text-only Qwen2 (q/k/v biases, unlike Llama)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**_TEXT)
-    config._attn_implementation = "sdpa"
-    model = _finish(Qwen2ForCausalLM(config), seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    return model, {"input_ids": _text_ids(text_len, generator)[None]}
+    return _text_model(Qwen2Config, Qwen2ForCausalLM, seed, text_len)
 
 
 def _qwen_vl_prompt(

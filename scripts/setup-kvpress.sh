@@ -16,17 +16,13 @@ KVPRESS_VERSION=0.5.5
 TRANSFORMERS_VERSION=5.2.0
 STAMP=$VENV/.setup-stamp
 
-hash=$(sha256sum scripts/setup-kvpress.sh | cut -d' ' -f1)
+hash=$(cat scripts/setup-kvpress.sh scripts/pip-quiet.sh | sha256sum | cut -d' ' -f1)
 if [[ -x $VENV/bin/python && -f $STAMP && "$(cat "$STAMP")" == "$hash" ]]; then
     echo "setup-kvpress: $VENV is up to date ($((SECONDS - start)) s)"
     exit 0
 fi
 
-pip_() {
-    # This machine's pip config lists local indexes that lack most packages; drop their per-package warnings.
-    "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
-        | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-}
+source scripts/pip-quiet.sh
 
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
 rm -f "$STAMP"

@@ -13,17 +13,13 @@ CONSTRAINTS=scripts/constraints-cpu.txt
 REQUIREMENTS=scripts/requirements-cpu.txt
 STAMP=$VENV/.setup-stamp
 
-hash=$(cat scripts/setup.sh "$CONSTRAINTS" "$REQUIREMENTS" pyproject.toml | sha256sum | cut -d' ' -f1)
+hash=$(cat scripts/setup.sh scripts/pip-quiet.sh "$CONSTRAINTS" "$REQUIREMENTS" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ -x $VENV/bin/python && -f $STAMP && "$(cat "$STAMP")" == "$hash" ]]; then
     echo "setup: $VENV is up to date ($((SECONDS - start)) s)"
     exit 0
 fi
 
-pip_() {
-    # This machine's pip config lists local indexes that lack most packages; drop their per-package warnings.
-    "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
-        | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-}
+source scripts/pip-quiet.sh
 
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
 rm -f "$STAMP"

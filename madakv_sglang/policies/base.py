@@ -83,6 +83,19 @@ class PolicyInputs:
         if self.local_heads is None:
             self.local_heads = self.total_heads if self.scores is None else self.scores.shape[2]
 
+    @classmethod
+    def for_request(cls, scores: Tensor, visual: Tensor, cfg: PolicyConfig) -> PolicyInputs:
+        """One request holding every head: scores ``[L, H, n]``, visual ``[n]``, the budget from ``cfg``."""
+        layers, heads, n = scores.shape
+        return cls(
+            visual=visual[None],
+            prompt_len=torch.tensor([n], device=visual.device),
+            nominal_budget=torch.tensor([cfg.budget.tokens_for(n)], device=visual.device),
+            num_layers=layers,
+            total_heads=heads,
+            scores=scores[None],
+        )
+
     @property
     def heads_here(self) -> int:
         assert self.local_heads is not None
@@ -181,14 +194,11 @@ def ranking_scores(scores: Tensor, state: BudgetState, visual: Tensor, cfg: Poli
     return pool_within_segments(scores, segments[:, None, None, :], cfg.pool_kernel, cfg.pooling)
 
 
-def head_demands(scores: Tensor, state: BudgetState, theta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """MPA masses and HCC demands of this rank's heads: (w_v, w_t, d), ``[R, L, H_r]`` each."""
-    mass_v = budget_math.modality_masses(scores, state.visual_rest)
-    mass_t = budget_math.modality_masses(scores, state.text_rest)
+def head_demands(scores: Tensor, state: BudgetState, theta: float) -> Tensor:
+    """HCC demands d = W + k_v + k_t of this rank's heads, ``[R, L, H_r]`` (two sorts: compute only if used)."""
     k_v = budget_math.coverage_counts(scores, state.visual_rest, theta)
     k_t = budget_math.coverage_counts(scores, state.text_rest, theta)
-    demand = state.window[:, None, None] + k_v + k_t
-    return mass_v, mass_t, demand
+    return state.window[:, None, None] + k_v + k_t
 
 
 def finish(

@@ -40,11 +40,13 @@ class MadaKV:
         assert inputs.scores is not None, "madakv needs window scores"
         state = budget_state(inputs, cfg)
         heads = inputs.total_heads
-        mass_v, mass_t, demand = head_demands(inputs.scores, state, cfg.theta)
+        needs_demand = cfg.hcc != "off" or cfg.head_split == "demand"
+        demand = head_demands(inputs.scores, state, cfg.theta) if needs_demand else None
 
         if cfg.hcc == "off":
             layer_totals = budget_math.allot_layers_uniform(inputs.num_layers, state.budget, heads)
         else:
+            assert demand is not None
             layer_demand = comm.all_reduce_sum(demand.sum(dim=-1))
             allot = budget_math.allot_layers_global if cfg.hcc == "global" else budget_math.allot_layers_paper
             layer_totals = allot(layer_demand, state.prompt_len, state.budget, state.floor, heads, cfg.cap_fraction)
@@ -52,11 +54,14 @@ class MadaKV:
         if cfg.head_split == "uniform":
             head_budget, everyone = uniform_heads(inputs, layer_totals)
         else:
+            assert demand is not None
             all_demand = comm.all_gather_heads(demand)
             everyone = budget_math.split_heads_by_demand(layer_totals, all_demand, state.prompt_len, state.floor)
             head_budget = everyone[..., inputs.head_offset : inputs.head_offset + inputs.heads_here]
 
         if cfg.mpa:
+            mass_v = budget_math.modality_masses(inputs.scores, state.visual_rest)
+            mass_t = budget_math.modality_masses(inputs.scores, state.text_rest)
             b_v, b_t = budget_math.split_modalities(
                 head_budget, state.window, mass_v, mass_t, state.visual_rest.sum(-1), state.text_rest.sum(-1)
             )
