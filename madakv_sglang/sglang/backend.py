@@ -1,0 +1,335 @@
+"""The ``madakv`` attention backend: dense prefill through the device's base backend, window scores on the
+last prefill chunk, one policy decision per batch, packing, and head-wise decode over the packed cells.
+
+Engine glue only: scores come from ``policies.scoring``, decisions and packing from ``sglang.compress``,
+decode attention from ``madakv_sglang.kernels``. The scheduler side (freeing slots, accounting) is
+``sglang.reclaim``; the two meet in ``sglang.ledger`` and ``sglang.batch_context``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from madakv_sglang.config import PolicyConfig
+from madakv_sglang.kernels import headwise_decode
+from madakv_sglang.policies import get_policy
+from madakv_sglang.policies.base import LOCAL
+from madakv_sglang.policies.scoring import window_scores
+from madakv_sglang.sglang import batch_context
+from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, decide, pack
+from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
+from madakv_sglang.sglang.modality import visual_mask
+from madakv_sglang.sglang.settings import BASE_BACKEND_ENV, config_from_env, is_compressing
+
+logger = logging.getLogger(__name__)
+
+DUMP_ENV = "MADAKV_DEBUG_DUMP_DIR"  # write every decision (scores, visual mask, kept set) there, for tests
+
+
+def create_backend(model_runner: Any) -> Any:
+    """Factory registered as ``--attention-backend madakv``: wraps the base backend SGLang would have used."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    base_name = os.environ.get(BASE_BACKEND_ENV) or ("torch_native" if model_runner.device == "cpu" else "triton")
+    if base_name == "madakv" or base_name not in ATTENTION_BACKENDS:
+        raise ValueError(f"madakv: cannot use {base_name!r} as the dense base backend")
+    base = ATTENTION_BACKENDS[base_name](model_runner)
+    return _backend_class()(model_runner, base, base_name, config_from_env())
+
+
+def _backend_class() -> type:
+    """The class is built on first use so that importing this module does not import SGLang."""
+    global _CLASS
+    if _CLASS is None:
+        from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+        _CLASS = type("MadaKVAttnBackend", (_MadaKVMixin, AttentionBackend), {})
+    return _CLASS
+
+
+_CLASS: type | None = None
+
+
+@dataclass
+class _ExtendEntry:
+    """One request of an extend batch that the backend must act on."""
+
+    rid: str
+    row: int
+    token_start: int  # first row of this request in the batch's token dim
+    token_end: int
+    prefix_len: int  # positions before this chunk
+    config: PolicyConfig
+    needs_tail: bool  # a later chunk finishes the prompt and will need this chunk's last queries
+    finishing: Finishing | None
+    replay: Replay | None  # a retracted request's stored decision: its later positions attend through it
+
+
+class _MadaKVMixin:
+    """Mixed into SGLang's ``AttentionBackend`` by :func:`_backend_class`."""
+
+    def __init__(self, model_runner: Any, base: Any, base_name: str, config: PolicyConfig) -> None:
+        super().__init__()  # type: ignore[call-arg]
+        self.base = base
+        self.base_name = base_name
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.config = config
+        pool = self.token_to_kv_pool
+        self.start_layer = int(getattr(pool, "start_layer", 0) or 0)
+        self.num_layers = int(pool.layer_num)
+        self.local_heads = int(pool.head_num)
+        tp_size = int(getattr(model_runner, "tp_size", 1) or 1)
+        if tp_size != 1:
+            raise NotImplementedError("madakv: tensor parallelism is not supported yet (run with --tp 1)")
+        self.geometry = Geometry(
+            num_layers=self.num_layers,
+            total_heads=self.local_heads * tp_size,
+            local_heads=self.local_heads,
+            head_offset=0,
+            tp_size=tp_size,
+        )
+        self._extend: list[_ExtendEntry] = []
+        self._decode_tables: list[tuple[Tensor, Tensor]] | None = None
+        logger.info(
+            "madakv: backend ready (base %s, policy %s, budget %s, window %d, %d layers x %d KV heads)",
+            base_name, config.policy, config.budget, config.window, self.num_layers, self.local_heads,
+        )
+
+    # ---- SGLang's backend interface ----
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        self.base.init_forward_metadata(forward_batch)
+        self._extend = []
+        self._decode_tables = None
+        mode = forward_batch.forward_mode
+        if mode.is_decode():
+            self._decode_tables = self._decode_index_tables(forward_batch)
+        elif mode.is_extend():
+            self._extend = self._plan_extend(forward_batch)
+
+    def forward_extend(self, q: Tensor, k: Tensor, v: Tensor, layer: Any, forward_batch: Any, save_kv_cache: bool = True, **kwargs: Any) -> Tensor:
+        out = self.base.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if not self._extend:
+            return out
+        layer_index = layer.layer_id - self.start_layer
+        queries = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        keys_all = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        rows_map = self.req_to_token_pool.req_to_token
+        for entry in self._extend:
+            chunk = queries[entry.token_start : entry.token_end]
+            state = LEDGER.open(entry.row, self._generation(entry.row))
+            previous = state.query_tail.get(layer_index)
+            if entry.replay is not None:
+                self._replay_rows(out, q, layer, entry)
+            if entry.needs_tail:
+                joined = chunk if previous is None else torch.cat([previous, chunk])
+                state.query_tail[layer_index] = joined[-entry.config.window :].clone()
+            finishing = entry.finishing
+            if finishing is not None and finishing.scores is not None:
+                n = finishing.prompt_len
+                width = min(entry.config.window, n)
+                joined = chunk if previous is None else torch.cat([previous, chunk])
+                keys = keys_all[rows_map[entry.row, :n].long()]
+                finishing.scores[layer_index] = window_scores(
+                    joined[-width:], keys, scale=layer.scaling, gqa=entry.config.gqa
+                )
+        if layer_index == self.num_layers - 1:
+            self._compress_finished()
+        return out
+
+    def forward_decode(self, q: Tensor, k: Tensor, v: Tensor, layer: Any, forward_batch: Any, save_kv_cache: bool = True, **kwargs: Any) -> Tensor:
+        if self._decode_tables is None:
+            return self.base.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+        if getattr(layer, "logit_cap", 0) or (getattr(layer, "sliding_window_size", -1) or -1) > -1:
+            raise NotImplementedError("madakv: logit caps and sliding-window layers are not supported yet")
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        layer_index = layer.layer_id - self.start_layer
+        indptr, indices = self._decode_tables[layer_index]
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        batch = forward_batch.batch_size
+        queries = q.reshape(batch, layer.tp_q_head_num, layer.qk_head_dim)
+        out, _ = headwise_decode(
+            queries, keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1]),
+            indptr, indices, self.local_heads, layer.scaling,
+        )
+        return out.to(q.dtype).reshape(batch, layer.tp_q_head_num * layer.v_head_dim)
+
+    def support_triton(self) -> bool:
+        return bool(self.base.support_triton())
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return int(self.base.get_cuda_graph_seq_len_fill_value())
+
+    # ---- extend: which requests finish their prompt, and what they need ----
+
+    def _plan_extend(self, forward_batch: Any) -> list[_ExtendEntry]:
+        infos = batch_context.current()
+        if infos is not None and len(infos) != forward_batch.batch_size:
+            infos = None  # not the batch the scheduler published (e.g. a warm-up forward)
+        rows = _as_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
+        prefixes = _as_list(forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens)
+        extends = _as_list(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)
+        mm_inputs = forward_batch.mm_inputs or [None] * len(rows)
+        entries, token = [], 0
+        for i, (row, prefix, extend) in enumerate(zip(rows, prefixes, extends, strict=True)):
+            start, token = token, token + extend
+            info = infos[i] if infos is not None else None
+            config = info.config if info is not None else self.config
+            if not is_compressing(config):
+                continue
+            seq = prefix + extend
+            full_len = info.full_len if info is not None else seq
+            replay = _replay_of(info)
+            finishing = None
+            # Every finished prompt gets a decision, even one too short to evict from: a retraction then replays
+            # "keep everything" instead of compressing the longer re-prefill afresh.
+            if seq >= full_len:
+                needs_scores = replay is None and get_policy(config.policy).score_source == "window"
+                finishing = Finishing(
+                    row=row,
+                    prompt_len=seq,
+                    visual=visual_mask(mm_inputs[i], seq).to(self.device),
+                    config=config,
+                    scores=(
+                        torch.zeros(self.num_layers, self.local_heads, seq, device=self.device)
+                        if needs_scores else None
+                    ),
+                    replay=replay,
+                )
+            needs_tail = seq < full_len and replay is None and get_policy(config.policy).score_source == "window"
+            if finishing is None and not needs_tail and replay is None:
+                continue
+            rid = info.rid if info is not None else f"row{row}"
+            entries.append(_ExtendEntry(rid, row, start, token, prefix, config, needs_tail, finishing, replay))
+        return entries
+
+    def _compress_finished(self) -> None:
+        entries = [e for e in self._extend if e.finishing is not None]
+        finishing = [e.finishing for e in entries if e.finishing is not None]
+        if not finishing:
+            return
+        started = time.perf_counter()
+        decisions = decide(finishing, self.geometry, LOCAL)
+        decide_share = (time.perf_counter() - started) / len(finishing)
+        dump_dir = os.environ.get(DUMP_ENV)
+        if dump_dir:
+            for entry, request, decision in zip(entries, finishing, decisions, strict=True):
+                _dump(dump_dir, entry.rid, request, decision)
+        keys = [self.token_to_kv_pool.get_key_buffer(self.start_layer + l) for l in range(self.num_layers)]
+        values = [self.token_to_kv_pool.get_value_buffer(self.start_layer + l) for l in range(self.num_layers)]
+        rows_map = self.req_to_token_pool.req_to_token
+        for request, decision in zip(finishing, decisions, strict=True):
+            state = LEDGER.open(request.row, self._generation(request.row))
+            state.query_tail.clear()
+            state.decision = _stored(request, decision)
+            packed = pack(request, decision, rows_map[request.row, : request.prompt_len], keys, values, self.geometry.tp_size)
+            if packed is None:
+                continue
+            rows_map[request.row, packed.slots : request.prompt_len] = 0  # evicted positions -> padding slot
+            packed.compress_seconds += decide_share
+            state.packed = packed
+
+    def _replay_rows(self, out: Tensor, q: Tensor, layer: Any, entry: _ExtendEntry) -> None:
+        """Positions past a retracted request's original prompt attend only to its kept cells and, causally,
+        to each other, as they did in decode before the retraction; overwrite the dense rows for them."""
+        replay = entry.replay
+        assert replay is not None
+        n0 = replay.keep.shape[-1]
+        seq = entry.prefix_len + (entry.token_end - entry.token_start)
+        first = max(entry.prefix_len, n0)
+        if first >= seq:
+            return
+        hq, dim = layer.tp_q_head_num, layer.qk_head_dim
+        heads = self.local_heads
+        rows = slice(entry.token_start + first - entry.prefix_len, entry.token_end)
+        queries = q.view(-1, hq, dim)[rows].float().view(-1, heads, hq // heads, dim)  # [T, H, G, D]
+        slots = self.req_to_token_pool.req_to_token[entry.row, :seq].long()
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[slots].float()  # [S, H, D]
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[slots].float()
+        query_pos = torch.arange(first, seq, device=keys.device)
+        key_pos = torch.arange(seq, device=keys.device)
+        visible = (key_pos[None, None, :] <= query_pos[None, :, None]).expand(heads, -1, -1).clone()  # [H, T, S]
+        visible[:, :, :n0] = replay.keep[layer.layer_id - self.start_layer].to(keys.device)[:, None, :]
+        logits = torch.einsum("thgd,shd->hgts", queries, keys) * layer.scaling
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        attended = torch.einsum("hgts,shd->thgd", torch.softmax(logits, dim=-1), values)
+        out.view(-1, hq, layer.v_head_dim)[rows] = attended.reshape(-1, hq, layer.v_head_dim).to(out.dtype)
+
+    # ---- decode: per-layer, per-head cell lists ----
+
+    def _decode_index_tables(self, forward_batch: Any) -> list[tuple[Tensor, Tensor]] | None:
+        rows = _as_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
+        packed = [LEDGER.packed(row) for row in rows]
+        if all(p is None for p in packed):
+            return None  # nothing compressed in this batch: the base backend runs it unchanged
+        seqs = _as_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+        rows_map = self.req_to_token_pool.req_to_token
+        heads = self.local_heads
+        column = torch.arange(heads, device=rows_map.device)
+        tables = []
+        for layer in range(self.num_layers):
+            pieces: list[Tensor] = []
+            lengths: list[Tensor] = []
+            for row, seq, state in zip(rows, seqs, packed, strict=True):
+                start = 0 if state is None else state.prompt_len
+                dense = rows_map[row, start:seq].long()[None, :] * heads + column[:, None]  # [H, seq - start]
+                if state is None:
+                    pieces.append(dense.reshape(-1))
+                    lengths.append(torch.full((heads,), dense.shape[1], dtype=torch.long))
+                    continue
+                bounds = state.indptr[layer].tolist()
+                for head in range(heads):
+                    pieces.append(state.cells[layer][bounds[head] : bounds[head + 1]])
+                    pieces.append(dense[head])
+                lengths.append(state.indptr[layer].diff().cpu() + dense.shape[1])
+            indptr = torch.zeros(len(rows) * heads + 1, dtype=torch.long)
+            indptr[1:] = torch.cat(lengths).cumsum(0)
+            tables.append((indptr.to(rows_map.device), torch.cat(pieces).to(rows_map.device)))
+        return tables
+
+    def _generation(self, row: int) -> int:
+        return int(self.req_to_token_pool.req_generation[row])
+
+
+def _dump(directory: str, rid: str, request: Finishing, decision: Decision) -> None:
+    record = {
+        "prompt_len": request.prompt_len,
+        "visual": request.visual.cpu(),
+        "scores": None if request.scores is None else request.scores.cpu(),
+        "keep": decision.keep.cpu(),
+        "all_head_counts": decision.all_head_counts.cpu(),
+        "policy": request.config.to_strings(),
+    }
+    torch.save(record, os.path.join(directory, f"{rid}.pt"))
+
+
+def _as_list(cpu_values: Any, values: Any) -> list[int]:
+    source = cpu_values if cpu_values is not None else values
+    return [int(x) for x in (source.tolist() if hasattr(source, "tolist") else source)]
+
+
+def _replay_of(info: batch_context.RequestInfo | None) -> Replay | None:
+    return None if info is None else info.replay
+
+
+def _stored(request: Finishing, decision: Decision) -> Replay:
+    """What a retraction replays: the decision over the original prompt only."""
+    if request.replay is not None:
+        return request.replay
+    return Replay(keep=decision.keep.cpu(), all_head_counts=decision.all_head_counts.cpu())
+
+
+__all__ = ["BASE_BACKEND_ENV", "PackedRow", "create_backend"]

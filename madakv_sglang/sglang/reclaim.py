@@ -1,0 +1,197 @@
+"""Scheduler-side hooks that return evicted prompt slots to SGLang's allocator (DESIGN §3).
+
+The backend packs a finished prompt's kept cells into the request's first M slots and points the row's
+positions ``[M, n)`` at the padding slot 0. These hooks, installed in every scheduler process when a
+compressing policy is configured, keep SGLang's bookkeeping exact:
+
+- ``Scheduler.run_batch``: publish per-request facts the backend cannot see (prompt end, override, replay).
+- ``Scheduler.process_batch_result``: free the evicted slots, before SGLang may release a finished request.
+- ``TokenToKVPoolAllocator.free``: drop the padding slot 0 from frees (evicted positions point there), and in
+  the NaN-poison debug mode overwrite freed slots so a later read of them shows.
+- ``kv_private_tokens``: a packed request owns M + generated slots, not its whole row.
+- ``ReqToTokenPool.free_rows``: forget a row's state when SGLang recycles it.
+- ``SchedulerOutputStreamer.is_request_level_customized_info_key``: send the per-request numbers once, as
+  ``meta_info["madakv"]`` (a one-item list, SGLang's shape for request-level custom info).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.sglang import batch_context
+from madakv_sglang.sglang.compress import poison_enabled
+from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
+from madakv_sglang.sglang.metrics import record_compression
+from madakv_sglang.sglang.settings import config_from_env
+
+logger = logging.getLogger(__name__)
+
+REPLAY_ATTR = "_madakv_replay"  # the decision a retracted request re-applies, kept on the Req itself
+META_KEY = "madakv"  # meta_info key of the per-request numbers
+
+_installed = False
+_server_config: PolicyConfig | None = None
+
+
+def install_hooks() -> None:
+    """Register the hooks with SGLang's HookRegistry (idempotent; ``load_plugins`` applies them)."""
+    global _installed
+    if _installed:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch", _around_run_batch, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.process_batch_result", _around_process_batch_result, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _around_allocator_free, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens",
+        _around_kv_private_tokens,
+        HookType.AROUND,
+    )
+    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _around_free_rows, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+        "is_request_level_customized_info_key",
+        _around_request_level_key,
+        HookType.AROUND,
+    )
+    _installed = True
+
+
+def server_config() -> PolicyConfig:
+    global _server_config
+    if _server_config is None:
+        _server_config = config_from_env()
+    return _server_config
+
+
+def request_policy(req: Any) -> PolicyConfig:
+    """The request's settings: the server's, or its validated per-request override."""
+    from madakv_sglang.sglang.requests import request_config
+
+    custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    try:
+        return request_config(custom, server_config())
+    except ConfigError as err:  # validated at the HTTP entry already; never let one request stop the scheduler
+        logger.error("madakv: request %s: %s; using the server's settings", req.rid, err)
+        return server_config()
+
+
+# ---- hooks ----
+
+
+def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    if not batch.forward_mode.is_extend():
+        return original(scheduler, batch, *args, **kwargs)
+    infos = [
+        batch_context.RequestInfo(
+            rid=req.rid,
+            full_len=len(req.origin_input_ids) + len(req.output_ids),
+            config=request_policy(req),
+            replay=getattr(req, REPLAY_ATTR, None),
+        )
+        for req in batch.reqs
+    ]
+    with batch_context.publish(infos):
+        return original(scheduler, batch, *args, **kwargs)
+
+
+def _around_process_batch_result(original: Any, scheduler: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> Any:
+    if batch.forward_mode.is_extend():
+        _free_evicted(scheduler, batch)
+    return original(scheduler, batch, result, *args, **kwargs)
+
+
+def _free_evicted(scheduler: Any, batch: Any) -> None:
+    allocator = scheduler.token_to_kv_pool_allocator
+    freed_now = 0
+    for req in batch.reqs:
+        row = req.kv.req_pool_idx
+        if row is None:
+            continue
+        state = LEDGER.rows().get(row)
+        if state is None:
+            continue
+        if state.decision is not None and getattr(req, REPLAY_ATTR, None) is None:
+            setattr(req, REPLAY_ATTR, state.decision)
+        packed = state.packed
+        if packed is None or packed.pending_free is None:
+            continue
+        slots = packed.pending_free
+        packed.pending_free = None
+        allocator.free(slots)
+        packed.evicted = int(slots.numel())
+        freed_now += packed.evicted
+        _report(req, packed, request_policy(req).policy)
+    if freed_now:
+        # SGLang stops trying to admit prefills once an admission failed, until a running request leaves
+        # (``batch_is_full``); returned slots are new room just like a finished request's.
+        scheduler.running_batch.batch_is_full = False
+        LEDGER.reclaimed_total += freed_now
+        rows, held = LEDGER.footprint()
+        logger.info(
+            "madakv: reclaimed %d slots in this batch (%d since start); pool available %d of %d; "
+            "backend state %d rows, %d bytes",
+            freed_now, LEDGER.reclaimed_total, allocator.available_size(), allocator.size, rows, held,
+        )
+
+
+def _report(req: Any, packed: PackedRow, policy: str) -> None:
+    summary = {
+        "prompt_slots": packed.prompt_len,
+        "kept_slots": packed.slots,
+        "reclaimed_slots": packed.evicted,
+        "packing_waste_cells": packed.waste_cells,
+        "compress_ms": round(packed.compress_seconds * 1e3, 3),
+    }
+    if req.customized_info is None:
+        req.customized_info = {}
+    req.customized_info[META_KEY] = [summary]
+    logger.info(
+        "madakv: request %s prompt slots %d -> %d (%.1f%% reclaimed, waste %d cells)",
+        req.rid, packed.prompt_len, packed.slots, 100.0 * packed.evicted / max(packed.prompt_len, 1), packed.waste_cells,
+    )
+    record_compression(packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy)
+
+
+def _around_request_level_key(original: Any, streamer: Any, key: str, *args: Any, **kwargs: Any) -> bool:
+    return key == META_KEY or bool(original(streamer, key, *args, **kwargs))
+
+
+def _around_allocator_free(original: Any, allocator: Any, free_index: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    if free_index.numel():
+        free_index = free_index[free_index != 0]
+        if poison_enabled() and free_index.numel():
+            _poison_slots(allocator, free_index)
+    return original(allocator, free_index, *args, **kwargs)
+
+
+def _poison_slots(allocator: Any, slots: torch.Tensor) -> None:
+    kvcache = allocator.get_kvcache()
+    for layer in range(kvcache.layer_num):
+        layer_id = kvcache.start_layer + layer if hasattr(kvcache, "start_layer") else layer
+        kvcache.get_key_buffer(layer_id)[slots] = float("nan")
+        kvcache.get_value_buffer(layer_id)[slots] = float("nan")
+
+
+def _around_kv_private_tokens(original: Any, kv: Any, *args: Any, **kwargs: Any) -> int:
+    owned = int(original(kv, *args, **kwargs))
+    packed = LEDGER.packed(kv.req_pool_idx) if kv.req_pool_idx is not None else None
+    return owned - packed.evicted if packed is not None else owned
+
+
+def _around_free_rows(original: Any, pool: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:
+    for row in indices:
+        LEDGER.drop(int(row))
+    return original(pool, indices, *args, **kwargs)
+
+
+__all__ = ["META_KEY", "REPLAY_ATTR", "Replay", "install_hooks", "request_policy", "server_config"]

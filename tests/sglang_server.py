@@ -1,0 +1,21 @@
+"""The engine tests' SGLang server: :class:`madakv_sglang.serving.Server` with the strict checks on.
+
+One implementation serves the demo and the tests (``madakv_sglang/serving.py``); here it only defaults to
+``strict=True``, so SGLang checks the pool's accounting after every batch and madakv poisons freed cells.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from madakv_sglang import serving
+from madakv_sglang.serving import CPU_ARGS, CPU_ENV, STRICT_ENV, free_port
+
+
+class Server(serving.Server):
+    def __init__(self, model: Path | str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 startup_timeout: float = 240.0, strict: bool = True, port: int | None = None) -> None:
+        super().__init__(model, args, log_path, env=env, startup_timeout=startup_timeout, strict=strict, port=port)
+
+
+__all__ = ["CPU_ARGS", "CPU_ENV", "STRICT_ENV", "Server", "free_port"]
