@@ -1,0 +1,122 @@
+"""The two demos as a user runs them.
+
+``python -m madakv_sglang.demo --json``: a real SGLang server on CPU with madakv at budget 0.2 (tiny Qwen2-VL),
+chat requests with images, a text-only and a streamed one, and a frontend program. Its JSON must be
+self-consistent and agree with the server's own log lines, and no server process may outlive it.
+
+``python -m madakv_sglang.demo_hf --json``: every policy on the transformers path, no server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from madakv_sglang.demo_hf import POLICIES
+from madakv_sglang.demo_hf import main as demo_hf_main
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = 0.2
+WINDOW = 32  # the server's default --kv-window
+CAP = 1.25  # PolicyConfig.cap: a request holds at most cap * budget of its prompt (or the window)
+IMAGE_TOKENS_224 = 64
+MARKER_ENV = "MADAKV_TEST_DEMO_RUN"
+# reclaim.py's per-request line, parsed here on its own rather than with the demo's regex.
+LINE = re.compile(r"madakv: request (\S+) prompt slots (\d+) -> (\d+) \(")
+TOTAL_KEYS = ("prompt_tokens", "kv_slots_full", "kv_slots_kept", "reclaimed_fraction", "policy", "budget", "requests")
+REQUEST_KEYS = ("name", "api", "rid", "images", "prompt_tokens", "image_tokens", "kv_slots_full", "kv_slots_kept",
+                "reclaimed_slots", "reclaimed_fraction", "source", "answer")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("demo")
+    log = work / "server.log"
+    command = [sys.executable, "-m", "madakv_sglang.demo", "--json", "--work-dir", str(work / "models"),
+               "--keep-server-log", str(log)]
+    # Every process the demo starts inherits this variable, so the test can find any that outlive it.
+    marker = f"{MARKER_ENV}={uuid.uuid4().hex}"
+    env = {**os.environ, MARKER_ENV: marker.partition("=")[2]}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"stdout": result.stdout, "stderr": result.stderr, "log": log.read_text(errors="replace"),
+            "marker": marker}
+
+
+@pytest.fixture(scope="module")
+def report(demo_run: dict[str, Any]) -> dict[str, Any]:
+    lines = demo_run["stdout"].strip().splitlines()
+    assert len(lines) == 1, f"--json must print exactly one line on stdout, got {len(lines)}"
+    parsed: dict[str, Any] = json.loads(lines[0])
+    return parsed
+
+
+def test_json_has_the_totals_and_every_request(report: dict[str, Any]) -> None:
+    assert all(key in report for key in TOTAL_KEYS), sorted(report)
+    assert (report["policy"], report["budget"]) == ("madakv", str(BUDGET))
+    requests = report["requests"]
+    assert all(key in r for r in requests for key in REQUEST_KEYS)
+    apis = {r["api"] for r in requests}
+    assert {"/v1/chat/completions", "/v1/chat/completions (stream)", "sgl.function -> /generate"} <= apis
+    assert any(r["images"] == 0 for r in requests), "a text-only request"
+    assert max(r["images"] for r in requests) >= 3, "a request with several images"
+    assert all(isinstance(r["answer"], str) and r["answer"] for r in requests)
+
+
+def test_totals_add_up(report: dict[str, Any]) -> None:
+    requests = report["requests"]
+    for key in ("prompt_tokens", "kv_slots_full", "kv_slots_kept"):
+        assert report[key] == sum(r[key] for r in requests), key
+    assert report["kv_slots_kept"] < report["kv_slots_full"]
+    assert report["reclaimed_fraction"] == pytest.approx(1 - report["kv_slots_kept"] / report["kv_slots_full"], abs=1e-4)
+
+
+def test_each_request_is_compressed_within_its_budget(report: dict[str, Any]) -> None:
+    for r in report["requests"]:
+        n, m = r["kv_slots_full"], r["kv_slots_kept"]
+        assert r["prompt_tokens"] == n, r["name"]  # one slot per prompt token before eviction
+        assert r["image_tokens"] == IMAGE_TOKENS_224 * r["images"], r["name"]
+        assert WINDOW <= m < n, r["name"]
+        assert m <= max(WINDOW, math.ceil(CAP * BUDGET * n)), r["name"]
+        assert r["reclaimed_slots"] == n - m
+        assert r["reclaimed_fraction"] == pytest.approx(1 - m / n, abs=1e-4)
+        assert r["source"] in ("meta_info", "server log")
+
+
+def test_numbers_agree_with_the_server_log(report: dict[str, Any], demo_run: dict[str, Any]) -> None:
+    logged = {rid: (int(n), int(m)) for rid, n, m in LINE.findall(demo_run["log"])}
+    for r in report["requests"]:
+        assert logged.get(r["rid"]) == (r["kv_slots_full"], r["kv_slots_kept"]), r["name"]
+
+
+def test_server_is_gone(demo_run: dict[str, Any]) -> None:
+    """Every process started for the demo (launcher, scheduler, detokenizer) ended with it."""
+    marker = demo_run["marker"].encode()
+    survivors = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                survivors.append(environ.parent.name)
+        except OSError:
+            continue
+    assert not survivors, f"processes left running by the demo: {survivors}"
+    assert "Traceback" not in demo_run["stderr"], demo_run["stderr"][-4000:]
+
+
+def test_hf_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo_hf_main(["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    by_policy = {row["policy"]: row for row in rows}
+    assert tuple(by_policy) == POLICIES
+    assert by_policy["full"]["reclaimed_fraction"] == 0.0 and by_policy["full"]["matches_full"]
+    assert by_policy["madakv"]["kv_bytes_kept"] < by_policy["madakv"]["kv_bytes_full"]
+    assert by_policy["madakv"]["reclaimed_fraction"] == pytest.approx(1 - BUDGET, abs=0.05)
