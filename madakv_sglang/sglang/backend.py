@@ -63,6 +63,7 @@ class _ExtendEntry:
 
     rid: str
     row: int
+    generation: int  # the row's req_generation, read once per forward rather than once per layer
     token_start: int  # first row of this request in the batch's token dim
     token_end: int
     prefix_len: int  # positions before this chunk
@@ -126,7 +127,7 @@ class _MadaKVMixin:
         rows_map = self.req_to_token_pool.req_to_token
         for entry in self._extend:
             chunk = queries[entry.token_start : entry.token_end]
-            state = LEDGER.open(entry.row, self._generation(entry.row))
+            state = LEDGER.open(entry.row, entry.generation)
             previous = state.query_tail.get(layer_index)
             if entry.replay is not None:
                 self._replay_rows(out, q, layer, entry)
@@ -193,11 +194,11 @@ class _MadaKVMixin:
             seq = prefix + extend
             full_len = info.full_len if info is not None else seq
             replay = _replay_of(info)
+            scored = replay is None and get_policy(config.policy).score_source == "window"
             finishing = None
             # Every finished prompt gets a decision, even one too short to evict from: a retraction then replays
             # "keep everything" instead of compressing the longer re-prefill afresh.
             if seq >= full_len:
-                needs_scores = replay is None and get_policy(config.policy).score_source == "window"
                 finishing = Finishing(
                     row=row,
                     prompt_len=seq,
@@ -205,15 +206,17 @@ class _MadaKVMixin:
                     config=config,
                     scores=(
                         torch.zeros(self.num_layers, self.local_heads, seq, device=self.device)
-                        if needs_scores else None
+                        if scored else None
                     ),
                     replay=replay,
                 )
-            needs_tail = seq < full_len and replay is None and get_policy(config.policy).score_source == "window"
+            needs_tail = seq < full_len and scored
             if finishing is None and not needs_tail and replay is None:
                 continue
             rid = info.rid if info is not None else f"row{row}"
-            entries.append(_ExtendEntry(rid, row, start, token, prefix, config, needs_tail, finishing, replay))
+            entries.append(
+                _ExtendEntry(rid, row, self._generation(row), start, token, prefix, config, needs_tail, finishing, replay)
+            )
         return entries
 
     def _compress_finished(self) -> None:
