@@ -15,17 +15,19 @@ from torch import Tensor
 
 
 def rank_cells(all_head_counts: Tensor, tp_size: int) -> Tensor:
-    """Cells per layer on each rank: ``[R, L, H]`` -> ``[R, L, tp]`` (ranks hold consecutive head blocks)."""
+    """Cells per layer on each distinct block of heads: ``[R, L, H]`` -> ``[R, L, blocks]``. Ranks hold consecutive
+    blocks of ``max(1, H // tp)`` heads; with fewer heads than ranks, the replicas of a head hold the same cells."""
     r, layers, heads = all_head_counts.shape
-    if heads % tp_size:
+    if heads % tp_size and tp_size % heads:
         raise ValueError(f"{heads} KV heads cannot be split evenly over {tp_size} ranks")
-    return all_head_counts.reshape(r, layers, tp_size, heads // tp_size).sum(dim=-1)
+    per_rank = max(1, heads // tp_size)
+    return all_head_counts.reshape(r, layers, heads // per_rank, per_rank).sum(dim=-1)
 
 
 def slot_count(all_head_counts: Tensor, tp_size: int = 1) -> Tensor:
     """M per request: the slots the fullest (layer, rank) needs. Every rank computes the same value from the
     shared head counts, so the allocator decision agrees without a collective. Returns ``[R]`` int64."""
-    heads_per_rank = all_head_counts.shape[-1] // tp_size
+    heads_per_rank = max(1, all_head_counts.shape[-1] // tp_size)
     cells = rank_cells(all_head_counts, tp_size)
     return ((cells + heads_per_rank - 1) // heads_per_rank).amax(dim=(1, 2))
 

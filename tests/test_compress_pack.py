@@ -102,3 +102,21 @@ def test_replay_keeps_the_stored_prompt_decision_and_every_later_position() -> N
     assert torch.equal(decision.keep[:, :, :30], stored)
     assert bool(decision.keep[:, :, 30:].all())
     assert torch.equal(decision.all_head_counts, counts + 6)
+
+
+def test_models_with_logit_caps_or_sliding_windows_are_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packed decode implements neither; the backend factory names what the model has instead of failing at
+    the first decode step."""
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from madakv_sglang.sglang.backend import unsupported_attention_layers
+
+    plain = RadixAttention(4, 16, 0.25, 2, layer_id=0)
+    capped = RadixAttention(4, 16, 0.25, 2, layer_id=1, logit_cap=30.0)
+    windowed = RadixAttention(4, 16, 0.25, 2, layer_id=2, sliding_window_size=128)
+    assert unsupported_attention_layers(torch.nn.ModuleList([plain])) == []
+    assert unsupported_attention_layers(torch.nn.ModuleList([plain, capped, windowed])) == [
+        "attention logit soft-capping (30.0)",
+        "sliding-window layers (window 128)",
+    ]

@@ -62,7 +62,7 @@ PROBE = textwrap.dedent("""
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.arg_groups.overrides import resolving_view
 
-    FIELDS = ["attention_backend", "page_size", "disable_radix_cache", "disable_overlap_schedule"]
+    FIELDS = ["attention_backend", "page_size", "disable_radix_cache", "disable_overlap_schedule", "tp_size"]
     cases = json.loads(sys.argv[1])
     out = {}
 
@@ -125,7 +125,6 @@ REFUSALS: dict[str, tuple[list[str], list[str]]] = {  # name -> (extra argv, phr
     "dp_attention": (MADAKV + ["--dp-size", "2", "--enable-dp-attention"], ["DP attention (--attn-dp-size 2"]),
     "attn_dp_size": (MADAKV + ["--attn-dp-size", "2"], ["DP attention"]),
     "pipeline": (MADAKV + ["--pp-size", "2"], ["pipeline parallelism (--pp-size 2)"]),
-    "tensor_parallel": (MADAKV + ["--tp", "2"], ["tensor parallelism (--tp 2, --nnodes 1)", "run with --tp 1"]),
     "fp8_kv": (MADAKV + ["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype fp8_e4m3"]),
     "fp4_kv": (MADAKV + ["--kv-cache-dtype", "nvfp4"], ["--kv-cache-dtype nvfp4"]),
     "speculative": (MADAKV + ["--speculative-algorithm", "NGRAM"], ["speculative decoding (NGRAM)"]),
@@ -154,6 +153,12 @@ FORCED = {  # name -> (extra argv, resolved fields, log lines expected, log frag
                    "madakv: forcing disable_overlap_schedule=True (was False): ",
                    "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): "],
                   ["forcing attention_backend"]),
+    "tensor_parallel": (MADAKV + ["--tp", "2"], {"attention_backend": "madakv", "tp_size": 2},
+                        ["madakv: forcing attention_backend=madakv (was torch_native)",
+                         "madakv: forcing disable_radix_cache=True (was False): ",
+                         "madakv: forcing disable_overlap_schedule=True (was False): ",
+                         "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): "],
+                        ["is not supported", "cannot run"]),
     "nothing_to_force": (MADAKV + ["--attention-backend", "torch_native", "--disable-radix-cache",
                                    "--disable-overlap-schedule", "--page-size", "1"],
                          {"attention_backend": "madakv", "page_size": 1},
@@ -200,7 +205,9 @@ def quick_runs(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> d
             if proc.poll() is None:
                 try:
                     family = psutil.Process(proc.pid).children(recursive=True)
-                    children[name] |= {" ".join(child.cmdline()) or child.name() for child in family}
+                    commands = {" ".join(child.cmdline()) or child.name() for child in family}
+                    # Library imports run short probes (ldconfig -p, uname); a launch would start Python processes.
+                    children[name] |= {command for command in commands if "python" in command}
                 except psutil.Error:
                     pass
         time.sleep(0.05)

@@ -140,3 +140,10 @@ def test_slot_count_under_tp_takes_the_fullest_rank():
     assert int(slot_count(counts, tp_size=1)) == 3  # ceil(10 / 4)
     assert int(slot_count(counts, tp_size=2)) == 3  # rank 0 holds 6 cells in 2 heads
     assert int(slot_count(counts, tp_size=4)) == 5
+
+
+def test_slot_count_with_replicated_heads_takes_the_fullest_head():
+    counts = torch.tensor([[[5, 2], [1, 3]]])  # two layers, 2 KV heads over 4 ranks: each rank holds one head
+    assert int(slot_count(counts, tp_size=4)) == 5  # ranks 0-1 hold head 0 with 5 cells in layer 0
+    with pytest.raises(ValueError, match="cannot be split"):
+        slot_count(torch.ones(1, 1, 3, dtype=torch.long), tp_size=2)

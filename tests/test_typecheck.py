@@ -1,4 +1,4 @@
-"""The package type-checks (STYLE §7): mypy over madakv_sglang with the settings in pyproject.toml."""
+"""The package type-checks (STYLE §7): mypy over madakv_sglang, kernels and launch with the settings in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_package_typechecks():
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "madakv_sglang", "kernels", "--no-incremental"],
+        [sys.executable, "-m", "mypy", "madakv_sglang", "kernels", "launch", "--no-incremental"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr

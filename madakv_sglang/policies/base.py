@@ -38,6 +38,11 @@ class Comm(Protocol):
         """Concatenate every rank's ``[R, L, H_r, ...]`` tensor along dim 2, in rank order."""
         ...
 
+    def merge_replica_scores(self, scores: Tensor, reduce: str) -> Tensor:
+        """A KV head replicated over ranks sees part of its query group on each: combine the partial scores
+        ``[R, L, H_r, N]`` (each reduced over its query heads with ``reduce``) into the whole group's."""
+        ...
+
 
 class LocalComm:
     """One rank holds every head: collectives are the identity."""
@@ -47,6 +52,9 @@ class LocalComm:
 
     def all_gather_heads(self, tensor: Tensor) -> Tensor:
         return tensor
+
+    def merge_replica_scores(self, scores: Tensor, reduce: str) -> Tensor:
+        return scores
 
 
 LOCAL = LocalComm()

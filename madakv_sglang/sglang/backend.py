@@ -20,13 +20,14 @@ from torch import Tensor
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.kernels import headwise_decode
 from madakv_sglang.policies import get_policy
-from madakv_sglang.policies.base import LOCAL
+from madakv_sglang.policies.base import LOCAL, Comm
 from madakv_sglang.policies.scoring import window_scores
 from madakv_sglang.sglang import batch_context
 from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, decide, pack
 from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
 from madakv_sglang.sglang.modality import visual_mask
 from madakv_sglang.sglang.settings import BASE_BACKEND_ENV, config_from_env, is_compressing
+from madakv_sglang.sglang.tp import HeadShard, TensorParallelComm, check_same_policy, engine_group
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,35 @@ def create_backend(model_runner: Any) -> Any:
     base_name = os.environ.get(BASE_BACKEND_ENV) or ("torch_native" if model_runner.device == "cpu" else "triton")
     if base_name == "madakv" or base_name not in ATTENTION_BACKENDS:
         raise ValueError(f"madakv: cannot use {base_name!r} as the dense base backend")
+    unsupported = unsupported_attention_layers(getattr(model_runner, "model", None))
+    if unsupported:
+        raise ValueError(
+            f"madakv: this model has {' and '.join(unsupported)}, which the head-wise decode does not implement; "
+            "serve it with --kv-policy full"
+        )
     base = ATTENTION_BACKENDS[base_name](model_runner)
     return _backend_class()(model_runner, base, base_name, config_from_env())
+
+
+def unsupported_attention_layers(model: Any) -> list[str]:
+    """What the model's attention layers do that the packed decode cannot (checked once the weights are loaded,
+    so a model like Gemma 2 fails at start-up rather than at its first decode step)."""
+    if model is None:
+        return []
+    caps, windows = set(), set()
+    for module in model.modules():
+        if not hasattr(module, "tp_q_head_num") or not hasattr(module, "layer_id"):
+            continue  # not an attention layer (RadixAttention)
+        if getattr(module, "logit_cap", 0):
+            caps.add(float(module.logit_cap))
+        if (getattr(module, "sliding_window_size", -1) or -1) > -1:
+            windows.add(int(module.sliding_window_size))
+    problems = []
+    if caps:
+        problems.append(f"attention logit soft-capping ({', '.join(str(c) for c in sorted(caps))})")
+    if windows:
+        problems.append(f"sliding-window layers (window {', '.join(str(w) for w in sorted(windows))})")
+    return problems
 
 
 def _backend_class() -> type:
@@ -88,21 +116,18 @@ class _MadaKVMixin:
         self.start_layer = int(getattr(pool, "start_layer", 0) or 0)
         self.num_layers = int(pool.layer_num)
         self.local_heads = int(pool.head_num)
-        tp_size = int(getattr(model_runner, "tp_size", 1) or 1)
-        if tp_size != 1:
-            raise NotImplementedError("madakv: tensor parallelism is not supported yet (run with --tp 1)")
-        self.geometry = Geometry(
-            num_layers=self.num_layers,
-            total_heads=self.local_heads * tp_size,
-            local_heads=self.local_heads,
-            head_offset=0,
-            tp_size=tp_size,
-        )
+        self.geometry, self.comm = _tensor_parallel_view(model_runner, self.num_layers, self.local_heads, config)
         self._extend: list[_ExtendEntry] = []
         self._decode_tables: list[tuple[Tensor, Tensor]] | None = None
+        geometry = self.geometry
         logger.info(
-            "madakv: backend ready (base %s, policy %s, budget %s, window %d, %d layers x %d KV heads)",
+            "madakv: backend ready (base %s, policy %s, budget %s, window %d, %d layers x %d KV heads; "
+            "TP %d: heads %d..%d of %d%s, %d replica(s) per head)",
             base_name, config.policy, config.budget, config.window, self.num_layers, self.local_heads,
+            geometry.tp_size, geometry.head_offset, geometry.head_offset + geometry.local_heads - 1,
+            geometry.total_heads,
+            "" if geometry.real_heads is None else f" ({geometry.total_heads - geometry.real_heads} zero padding)",
+            geometry.replicas,
         )
 
     # ---- SGLang's backend interface ----
@@ -152,8 +177,6 @@ class _MadaKVMixin:
             return self.base.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-        if getattr(layer, "logit_cap", 0) or (getattr(layer, "sliding_window_size", -1) or -1) > -1:
-            raise NotImplementedError("madakv: logit caps and sliding-window layers are not supported yet")
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
         layer_index = layer.layer_id - self.start_layer
@@ -225,12 +248,12 @@ class _MadaKVMixin:
         if not finishing:
             return
         started = time.perf_counter()
-        decisions = decide(finishing, self.geometry, LOCAL)
+        decisions = decide(finishing, self.geometry, self.comm)
         decide_share = (time.perf_counter() - started) / len(finishing)
         dump_dir = os.environ.get(DUMP_ENV)
         if dump_dir:
             for entry, request, decision in zip(entries, finishing, decisions, strict=True):
-                _dump(dump_dir, entry.rid, request, decision)
+                _dump(dump_dir, entry.rid, request, decision, self.geometry)
         keys = [self.token_to_kv_pool.get_key_buffer(self.start_layer + l) for l in range(self.num_layers)]
         values = [self.token_to_kv_pool.get_value_buffer(self.start_layer + l) for l in range(self.num_layers)]
         rows_map = self.req_to_token_pool.req_to_token
@@ -307,7 +330,35 @@ class _MadaKVMixin:
         return int(self.req_to_token_pool.req_generation[row])
 
 
-def _dump(directory: str, rid: str, request: Finishing, decision: Decision) -> None:
+def _tensor_parallel_view(model_runner: Any, num_layers: int, local_heads: int, config: PolicyConfig) -> tuple[Geometry, Comm]:
+    """This rank's heads and the collectives over its TP group; with TP > 1, first check that every rank runs
+    the same policy (every rank builds its backend at the same point of start-up, so the all-gather lines up)."""
+    tp_rank, tp_size, group = engine_group()
+    model_config = model_runner.model_config
+    total_heads = int(model_config.get_total_num_kv_heads())
+    # On CPU, SGLang pads the KV heads to a multiple of the TP size with zero weights (adjust_config_with_unaligned_cpu_tp).
+    real_heads = int(getattr(model_config.hf_text_config, "original_total_num_kv_heads", total_heads) or total_heads)
+    shard = HeadShard(tp_rank=tp_rank, tp_size=tp_size, total_heads=total_heads)
+    if shard.local_heads != local_heads:
+        raise ValueError(f"madakv: the KV pool holds {local_heads} heads per rank, expected {shard.local_heads}")
+    geometry = Geometry(
+        num_layers=num_layers,
+        total_heads=total_heads,
+        local_heads=local_heads,
+        head_offset=shard.head_offset,
+        tp_size=tp_size,
+        replicas=shard.replicas,
+        tp_rank=tp_rank,
+        real_heads=real_heads if real_heads < total_heads else None,
+    )
+    if tp_size == 1:
+        return geometry, LOCAL
+    check_same_policy(config, group)
+    return geometry, TensorParallelComm(shard, group)
+
+
+def _dump(directory: str, rid: str, request: Finishing, decision: Decision, geometry: Geometry) -> None:
+    """One file per request and rank: what the policy saw and decided (``<rid>.pt``, ``<rid>.tp<r>.pt`` under TP)."""
     record = {
         "prompt_len": request.prompt_len,
         "visual": request.visual.cpu(),
@@ -315,8 +366,12 @@ def _dump(directory: str, rid: str, request: Finishing, decision: Decision) -> N
         "keep": decision.keep.cpu(),
         "all_head_counts": decision.all_head_counts.cpu(),
         "policy": request.config.to_strings(),
+        "head_offset": geometry.head_offset,
+        "total_heads": geometry.total_heads,
+        "tp_size": geometry.tp_size,
     }
-    torch.save(record, os.path.join(directory, f"{rid}.pt"))
+    name = f"{rid}.pt" if geometry.tp_size == 1 else f"{rid}.tp{geometry.tp_rank}.pt"
+    torch.save(record, os.path.join(directory, name))
 
 
 def _as_list(cpu_values: Any, values: Any) -> list[int]:

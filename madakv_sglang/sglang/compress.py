@@ -58,18 +58,28 @@ class Decision:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The model as this rank sees it."""
+    """The model as this rank sees it (``replicas`` ranks share each KV head when heads < TP size)."""
 
     num_layers: int
     total_heads: int
     local_heads: int
     head_offset: int
     tp_size: int
+    replicas: int = 1
+    tp_rank: int = 0
+    real_heads: int | None = None  # heads from this index on are zero padding (SGLang's CPU TP pads KV heads)
+
+    def padding_columns(self) -> slice | None:
+        """This rank's local head columns that are padding, or ``None``."""
+        if self.real_heads is None or self.head_offset + self.local_heads <= self.real_heads:
+            return None
+        return slice(max(0, self.real_heads - self.head_offset), self.local_heads)
 
 
 def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) -> list[Decision]:
     """The policy's kept sets, batched per configuration (every rank runs the same groups in the same order,
-    so the collectives inside the policies line up)."""
+    so the collectives inside the policies line up). Replicated heads merge their partial scores first; the
+    merged scores replace ``Finishing.scores``, so a dump shows what the policy saw."""
     decisions: list[Decision | None] = [None] * len(requests)
     groups: dict[PolicyConfig, list[int]] = {}
     for index, request in enumerate(requests):
@@ -91,6 +101,15 @@ def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) ->
             if scores is not None:
                 assert request.scores is not None, "window scores missing for a policy that ranks by them"
                 scores[slot, :, :, : request.prompt_len] = request.scores
+        if scores is not None and geometry.replicas > 1:
+            scores = comm.merge_replica_scores(scores, config.gqa)
+        padding = geometry.padding_columns()
+        if scores is not None and padding is not None:
+            # A padding head's values are zero whatever it keeps: no attention mass, so it asks only for its window.
+            scores[:, :, padding] = 0
+        if scores is not None and (geometry.replicas > 1 or padding is not None):
+            for slot, request in enumerate(chosen):
+                request.scores = scores[slot, :, :, : request.prompt_len]
         inputs = PolicyInputs(
             visual=visual,
             prompt_len=torch.tensor([r.prompt_len for r in chosen], device=device),

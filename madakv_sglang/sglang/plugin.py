@@ -296,9 +296,6 @@ def unsupported_settings(cfg: Any, config: PolicyConfig) -> list[str]:
            "with decoding")
     refuse(cfg.attn_dp_size > 1, f"DP attention (--attn-dp-size {cfg.attn_dp_size} / --enable-dp-attention)",
            "the packed KV layout assumes every attention rank holds every request")
-    refuse(cfg.tp_size > 1 or cfg.nnodes > 1, f"tensor parallelism (--tp {cfg.tp_size}, --nnodes {cfg.nnodes})",
-           "the per-rank scoring and the cross-rank budget agreement are not built yet (next milestone); "
-           "run with --tp 1")
     refuse(cfg.pp_size > 1, f"pipeline parallelism (--pp-size {cfg.pp_size})",
            "the per-layer budgets need every layer's demand on one rank")
     refuse(cfg.attn_cp_size > 1 or cfg.dcp_size > 1, "context parallelism (--attn-cp-size / --dcp-size)",
