@@ -5,6 +5,6 @@
 against that reference.
 """
 
-from .dispatch import available_backends, headwise_decode
+from .dispatch import KERNEL_ENV, available_backends, decode_kernel_for, headwise_decode
 
-__all__ = ["available_backends", "headwise_decode"]
+__all__ = ["KERNEL_ENV", "available_backends", "decode_kernel_for", "headwise_decode"]

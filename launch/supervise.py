@@ -8,6 +8,7 @@ other nodes' schedulers; then SIGTERM, then SIGKILL, to the process group of eac
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -132,7 +133,7 @@ class Supervisor:
                     if response.status == 200:
                         self.ready.set()
                         return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException):
                 pass
             self.stopping.wait(1.0)
 

@@ -10,6 +10,7 @@ machines shared by several people.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -142,7 +143,9 @@ class Server:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                     if response.status == 200:
                         return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+            # HTTPException: before the server listens, a connect to a port in the ephemeral range can pick that
+            # same port as its source and connect to itself (TCP self-connect), reading back its own request.
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")

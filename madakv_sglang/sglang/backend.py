@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from madakv_sglang.config import PolicyConfig
-from madakv_sglang.kernels import headwise_decode
+from madakv_sglang.kernels import decode_kernel_for, headwise_decode
+from madakv_sglang.kernels.index_tables import IndexInputs, build_index_inputs, decode_index_tables
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, Comm
 from madakv_sglang.policies.scoring import window_scores
@@ -119,15 +120,17 @@ class _MadaKVMixin:
         self.geometry, self.comm = _tensor_parallel_view(model_runner, self.num_layers, self.local_heads, config)
         self._extend: list[_ExtendEntry] = []
         self._decode_tables: list[tuple[Tensor, Tensor]] | None = None
+        self._index_inputs: tuple[tuple[tuple[int, int, int], ...], IndexInputs] | None = None
+        self.decode_kernel = decode_kernel_for(self.device)
         geometry = self.geometry
         logger.info(
             "madakv: backend ready (base %s, policy %s, budget %s, window %d, %d layers x %d KV heads; "
-            "TP %d: heads %d..%d of %d%s, %d replica(s) per head)",
+            "TP %d: heads %d..%d of %d%s, %d replica(s) per head; decode kernel %s)",
             base_name, config.policy, config.budget, config.window, self.num_layers, self.local_heads,
             geometry.tp_size, geometry.head_offset, geometry.head_offset + geometry.local_heads - 1,
             geometry.total_heads,
             "" if geometry.real_heads is None else f" ({geometry.total_heads - geometry.real_heads} zero padding)",
-            geometry.replicas,
+            geometry.replicas, self.decode_kernel,
         )
 
     # ---- SGLang's backend interface ----
@@ -187,7 +190,7 @@ class _MadaKVMixin:
         queries = q.reshape(batch, layer.tp_q_head_num, layer.qk_head_dim)
         out, _ = headwise_decode(
             queries, keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1]),
-            indptr, indices, self.local_heads, layer.scaling,
+            indptr, indices, self.local_heads, layer.scaling, backend=self.decode_kernel,
         )
         return out.to(q.dtype).reshape(batch, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -297,34 +300,20 @@ class _MadaKVMixin:
     # ---- decode: per-layer, per-head cell lists ----
 
     def _decode_index_tables(self, forward_batch: Any) -> list[tuple[Tensor, Tensor]] | None:
+        """Per-layer (indptr, indices) over packed cells plus generated tokens, built on the device; the
+        per-batch inputs are gathered again only when the batch composition (or a row's packing) changes."""
         rows = _as_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
         packed = [LEDGER.packed(row) for row in rows]
         if all(p is None for p in packed):
             return None  # nothing compressed in this batch: the base backend runs it unchanged
-        seqs = _as_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
         rows_map = self.req_to_token_pool.req_to_token
-        heads = self.local_heads
-        column = torch.arange(heads, device=rows_map.device)
-        tables = []
-        for layer in range(self.num_layers):
-            pieces: list[Tensor] = []
-            lengths: list[Tensor] = []
-            for row, seq, state in zip(rows, seqs, packed, strict=True):
-                start = 0 if state is None else state.prompt_len
-                dense = rows_map[row, start:seq].long()[None, :] * heads + column[:, None]  # [H, seq - start]
-                if state is None:
-                    pieces.append(dense.reshape(-1))
-                    lengths.append(torch.full((heads,), dense.shape[1], dtype=torch.long))
-                    continue
-                bounds = state.indptr[layer].tolist()
-                for head in range(heads):
-                    pieces.append(state.cells[layer][bounds[head] : bounds[head + 1]])
-                    pieces.append(dense[head])
-                lengths.append(state.indptr[layer].diff().cpu() + dense.shape[1])
-            indptr = torch.zeros(len(rows) * heads + 1, dtype=torch.long)
-            indptr[1:] = torch.cat(lengths).cumsum(0)
-            tables.append((indptr.to(rows_map.device), torch.cat(pieces).to(rows_map.device)))
-        return tables
+        key = tuple((row, self._generation(row), id(state)) for row, state in zip(rows, packed, strict=True))
+        if self._index_inputs is None or self._index_inputs[0] != key:
+            inputs = build_index_inputs(packed, rows, rows_map, self.num_layers, self.local_heads)
+            self._index_inputs = (key, inputs)
+        indptr, indices = decode_index_tables(self._index_inputs[1], forward_batch.seq_lens, rows_map,
+                                              dtype=torch.int64)
+        return [(indptr[layer], indices[layer]) for layer in range(self.num_layers)]
 
     def _generation(self, row: int) -> int:
         return int(self.req_to_token_pool.req_generation[row])

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from madakv_sglang.config import PolicyConfig
-from madakv_sglang.layout import apply_pack, pack_plan, packing_waste, slot_count
+from madakv_sglang.kernels.pack import pack_cells, pack_moves
+from madakv_sglang.layout import pack_plan, packing_waste, slot_count
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, Comm, PolicyInputs
 from madakv_sglang.sglang.ledger import PackedRow, Replay
@@ -153,12 +154,10 @@ def pack(
     heads = decision.keep.shape[1]
     slots = int(slot_count(decision.all_head_counts[None], tp_size)[0])
     plan = pack_plan(decision.keep, row_slots[:n].long(), row_slots[:slots].long())
-    poison = poison_enabled()
-    for layer, (keys, values) in enumerate(zip(k_layers, v_layers, strict=True)):
-        k_cells, v_cells = keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1])
-        apply_pack(k_cells, plan.src[layer], plan.dst[layer])
-        apply_pack(v_cells, plan.src[layer], plan.dst[layer])
-        if poison:
+    pack_cells(k_layers, v_layers, pack_moves(plan.src, plan.dst))
+    if poison_enabled():
+        for layer, (keys, values) in enumerate(zip(k_layers, v_layers, strict=True)):
+            k_cells, v_cells = keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1])
             _poison_unused(k_cells, v_cells, row_slots[:slots].long(), plan.dst[layer], heads)
     waste = int(packing_waste(decision.all_head_counts[None], torch.tensor([slots]))[0])
     return PackedRow(
