@@ -1,0 +1,249 @@
+"""Accuracy vs KV budget on the multimodal needle suite, through the HF path and through the SGLang engine.
+
+    python -m benchmarks.accuracy --model benchmarks/models/needle-vl --samples 20 --out benchmarks/results/accuracy
+
+Every policy x budget x task (``text``, ``image``, ``mixed`` and the needle-absent control) answers the same
+prompts greedily. Per run it records the answer, whether it is right (``benchmarks.needles.is_correct``), the
+prompt length n and the slots the request holds after compression (M, ``madakv_sglang.layout.slot_count``),
+so accuracy can be read against the nominal budget and against the physical slots. ``--path both`` runs the
+engine too (one ``--kv-policy madakv`` server; each request overrides policy and budget through
+``custom_params``) and reports where the two paths answer differently. ``h2o`` runs in the HF path only (a
+serving prefill does not compute every query's attention).
+
+Writes ``results.json``, ``table.md`` and two PNG plots into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_suite
+from madakv_sglang.config import PolicyConfig
+from madakv_sglang.layout import slot_count
+
+# name -> the PolicyConfig fields beyond policy and budget (the ablations are madakv with one idea off)
+POLICIES: dict[str, dict[str, Any]] = {
+    "full": {"policy": "full"},
+    "madakv": {"policy": "madakv"},
+    "madakv-mpa-off": {"policy": "madakv", "mpa": False},
+    "madakv-hcc-off": {"policy": "madakv", "hcc": "off"},
+    "snapkv": {"policy": "snapkv"},
+    "adakv": {"policy": "adakv"},
+    "pyramidkv": {"policy": "pyramidkv"},
+    "streamingllm": {"policy": "streamingllm"},
+    "h2o": {"policy": "h2o"},
+    "lookm": {"policy": "lookm"},
+    "random": {"policy": "random"},
+}
+HF_ONLY = {"h2o"}
+BUDGETS = (0.05, 0.1, 0.2, 0.5)
+MAX_NEW_TOKENS = 4  # answers are one word; a few tokens of the byte-level BPE
+
+
+@dataclass
+class Run:
+    path: str
+    policy: str
+    budget: float
+    task: str
+    seed: int
+    answer: str
+    prediction: str
+    correct: bool
+    prompt_len: int
+    kept_slots: int
+
+
+def policy_config(name: str, budget: float, window: int) -> PolicyConfig:
+    fields = dict(POLICIES[name])
+    if fields["policy"] == "full":
+        return PolicyConfig(policy="full")
+    return PolicyConfig(budget=str(budget), window=window, **fields)
+
+
+def chat_messages(sample: NeedleSample) -> list[dict[str, Any]]:
+    """The user turn as the processor's chat template wants it (images as ``{"type": "image"}``)."""
+    content: list[dict[str, Any]] = [
+        {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in sample.segments
+    ]
+    content.append({"type": "text", "text": "\n" + sample.question})
+    return [{"role": "user", "content": content}]
+
+
+def hf_inputs(processor: Any, sample: NeedleSample) -> dict[str, torch.Tensor]:
+    text = processor.apply_chat_template(chat_messages(sample), add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=[text], images=sample.images or None, return_tensors="pt"))
+    inputs.pop("attention_mask", None)
+    return inputs
+
+
+def run_hf(model: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
+    from madakv_sglang import hf
+
+    inputs = hf_inputs(processor, sample)
+    cfg = policy_config(name, budget, window)
+    result = hf.generate(model, inputs, cfg, MAX_NEW_TOKENS, eos_token_id=processor.tokenizer.eos_token_id)
+    prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    kept = int(slot_count(result.selection.all_head_counts)[0])
+    return Run("hf", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
+               is_correct(prediction, sample.answer), result.prompt_len, kept)
+
+
+def run_engine(server: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
+    from benchmarks.needles.suite import png_data_url
+
+    text = processor.apply_chat_template(chat_messages(sample), add_generation_prompt=True, tokenize=False)
+    cfg = policy_config(name, budget, window)
+    custom = {f"kv_{key}": value for key, value in cfg.to_strings().items()}
+    payload = {"text": text, "image_data": [png_data_url(image) for image in sample.images] or None,
+               "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS, "custom_params": custom}}
+    output = server.post("/generate", payload)
+    prompt_len = int(output["meta_info"]["prompt_tokens"])
+    report = output["meta_info"].get("madakv") or [{}]
+    kept = int(report[0].get("kept_slots", prompt_len))
+    prediction = str(output["text"])
+    return Run("engine", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
+               is_correct(prediction, sample.answer), prompt_len, kept)
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    """Accuracy and mean kept-slot fraction per (path, policy, budget, task)."""
+    groups: dict[tuple[str, str, float, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.path, run.policy, run.budget, run.task)].append(run)
+    cells = []
+    for (path, policy, budget, task), members in sorted(groups.items()):
+        cells.append({
+            "path": path, "policy": policy, "budget": budget, "task": task, "samples": len(members),
+            "accuracy": sum(r.correct for r in members) / len(members),
+            "slot_fraction": sum(r.kept_slots / r.prompt_len for r in members) / len(members),
+        })
+    return {"cells": cells, "agreement": _agreement(runs)}
+
+
+def _agreement(runs: list[Run]) -> dict[str, Any]:
+    """Where HF and the engine ran the same (policy, budget, sample): how often they give the same answer."""
+    by_key: dict[tuple[str, float, str, int], dict[str, Run]] = defaultdict(dict)
+    for run in runs:
+        by_key[(run.policy, run.budget, run.task, run.seed)][run.path] = run
+    pairs = [(v["hf"], v["engine"]) for v in by_key.values() if "hf" in v and "engine" in v]
+    differ = [{"policy": h.policy, "budget": h.budget, "task": h.task, "seed": h.seed, "hf": h.prediction,
+               "engine": e.prediction} for h, e in pairs if h.prediction.strip() != e.prediction.strip()]
+    return {"pairs": len(pairs), "same_answer": len(pairs) - len(differ), "differences": differ}
+
+
+def markdown_table(summary: dict[str, Any], path: str, tasks: list[str] | None = None) -> str:
+    """One row per (policy, budget), accuracy per task, and the mean fraction of prompt slots kept."""
+    cells = [c for c in summary["cells"] if c["path"] == path]
+    tasks = [t for t in (tasks or TASKS) if any(c["task"] == t for c in cells)]
+    lines = [f"| policy | budget | {' | '.join(tasks)} | slots kept |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    keys = sorted({(c["policy"], c["budget"]) for c in cells}, key=lambda k: (list(POLICIES).index(k[0]), k[1]))
+    for policy, budget in keys:
+        row = {c["task"]: c for c in cells if (c["policy"], c["budget"]) == (policy, budget)}
+        accuracy = " | ".join(f"{row[t]['accuracy']:.2f}" if t in row else "-" for t in tasks)
+        slots = sum(c["slot_fraction"] for c in row.values()) / len(row)
+        lines.append(f"| {policy} | {budget:g} | {accuracy} | {slots:.1%} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
+    """Accuracy (mean over the needle tasks) vs nominal budget, and vs the slots actually held."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in summary["cells"] if c["path"] == path and c["task"] != "absent"]
+    written = []
+    for x_key, label, name in (("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
+                               ("slot_fraction", "slots held after compression (M / n)", "accuracy_vs_slots.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy in POLICIES:
+            points: dict[float, list[tuple[float, float]]] = defaultdict(list)
+            for c in cells:
+                if c["policy"] == policy:
+                    points[c["budget"]].append((c[x_key], c["accuracy"]))
+            if not points:
+                continue
+            xs = [sum(p[0] for p in v) / len(v) for _, v in sorted(points.items())]
+            ys = [sum(p[1] for p in v) / len(v) for _, v in sorted(points.items())]
+            ax.plot(xs, ys, marker="o", label=policy)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (text, image, mixed)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("benchmarks/models/needle-vl"))
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--samples", type=int, default=10, help="prompts per task")
+    parser.add_argument("--sentences", type=int, default=80)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=10_000, help="first sample seed (keep clear of training seeds)")
+    parser.add_argument("--path", choices=["hf", "engine", "both"], default="hf")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    configs = []
+    for task in args.tasks:
+        depths = [(i + 0.5) / args.samples for i in range(args.samples)]  # needles spread over the context
+        configs += [NeedleConfig(task, sentences=args.sentences, images=args.images, depth=d) for d in depths]
+    samples = make_suite(configs, samples_per_config=1, seed=args.seed)
+    grid = [(name, budget) for name in args.policies for budget in ([1.0] if name == "full" else args.budgets)]
+    runs: list[Run] = []
+    started = time.perf_counter()
+    if args.path in ("hf", "both"):
+        model = AutoModelForImageTextToText.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+        for name, budget in tqdm(grid, desc="HF path", file=sys.stderr):
+            runs += [run_hf(model, processor, s, name, budget, args.window) for s in samples]
+    if args.path in ("engine", "both"):
+        from madakv_sglang.serving import Server
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window)]
+        with Server(args.model, server_args, args.out / "server.log") as server:
+            for name, budget in tqdm([g for g in grid if g[0] not in HF_ONLY], desc="engine", file=sys.stderr):
+                runs += [run_engine(server, processor, s, name, budget, args.window) for s in samples]
+    summary = summarize(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = {"command": command, "seconds": time.perf_counter() - started, "model": str(args.model),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "summary": summary, "runs": [asdict(r) for r in runs]}
+    (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    paths = ["hf", "engine"] if args.path == "both" else [args.path]
+    tables = [f"### {p} path\n\n{markdown_table(summary, p)}" for p in paths]
+    (args.out / "table.md").write_text(f"`{command}`\n\n" + "\n\n".join(tables) + "\n")
+    plot(summary, paths[0], args.out)
+    print("\n\n".join(tables))
+    agreement = summary["agreement"]
+    if agreement["pairs"]:
+        print(f"HF and engine gave the same answer in {agreement['same_answer']} of {agreement['pairs']} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""``python -m benchmarks.accuracy`` on a tiny setting: both paths run, the JSON, table and plots are written, and
+the HF path and the engine give the same answers on the same prompts (random weights: the answers are noise, but
+the same noise, which is what the agreement check needs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import accuracy
+from madakv_sglang.checkpoints import write_checkpoint
+
+
+def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -> None:
+    model = write_checkpoint("qwen2_vl", tmp_path / "model", seed=0)
+    out = tmp_path / "out"
+    code = accuracy.main(["--model", str(model), "--policies", "full", "madakv", "h2o", "--budgets", "0.2",
+                          "--samples", "1", "--sentences", "16", "--images", "2", "--path", "both",
+                          "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "results.json").read_text())
+    cells = record["summary"]["cells"]
+    assert {(c["path"], c["policy"]) for c in cells} == {
+        ("hf", "full"), ("hf", "madakv"), ("hf", "h2o"), ("engine", "full"), ("engine", "madakv")}  # h2o: HF only
+    assert all(0.0 <= c["accuracy"] <= 1.0 and c["samples"] == 1 for c in cells)
+    madakv = [c for c in cells if c["policy"] == "madakv"]
+    full = [c for c in cells if c["policy"] == "full"]
+    assert all(c["slot_fraction"] < 0.5 for c in madakv) and all(c["slot_fraction"] == 1.0 for c in full)
+    agreement = record["summary"]["agreement"]
+    assert agreement["pairs"] == 8 and agreement["differences"] == [], agreement
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 0 and (out / "accuracy_vs_slots.png").exists()
+    assert "| madakv | 0.2 |" in (out / "table.md").read_text()
