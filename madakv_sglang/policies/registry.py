@@ -3,6 +3,7 @@ with ``name``, ``score_source`` and ``select`` + ``@register_policy``, and one r
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
 
 _POLICIES: dict[str, Policy] = {}
 _LOADED = False
+_LOADING = threading.RLock()  # re-entrant: a policy module may look a name up while it is being imported
 T = TypeVar("T")
 
 
@@ -27,10 +29,16 @@ def register_policy(name: str) -> Callable[[type[T]], type[T]]:
 
 
 def _load_builtin() -> None:
+    """Import the built-in policies once. Marked loaded only after the imports finish, under a lock, so a thread
+    that looks a name up while another is still importing waits instead of seeing a half-filled registry."""
     global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        from madakv_sglang.policies import baselines, madakv  # noqa: F401  (registration side effect)
+    if _LOADED:
+        return
+    with _LOADING:
+        if not _LOADED:
+            from madakv_sglang.policies import baselines, madakv  # noqa: F401  (registration side effect)
+
+            _LOADED = True
 
 
 def get_policy(name: str) -> Policy:
