@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
                         help="report from the logs and JSON that the GPU commands wrote to DIR")
     args = parser.parse_args(argv)
+    from madakv_sglang.serving import exit_on_sigterm
+
+    exit_on_sigterm()
     specs = _policy_specs(args.policies)
     if args.print_gpu_commands:
         print(gpu_commands(specs))

@@ -18,12 +18,14 @@ import json
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchmarks.accuracy import POLICIES, Run, markdown_table, plot, policy_config, summarize
 from benchmarks.needles import NeedleConfig, make_sample
+from madakv_sglang.serving import exit_on_sigterm
 
 MODEL = Path(".models/smollm2-135m-instruct")
 INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
@@ -61,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", nargs="+", type=int, default=[40, 120], help="haystack lengths")
     parser.add_argument("--samples", type=int, default=8, help="prompts per length (depths spread evenly)")
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="requests in flight; SGLang batches them (each request's eviction is its own)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text_needle"))
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model} has no checkpoint: run `make setup-smollm2` first")
 
@@ -80,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window)]
     with Server(args.model, server_args, args.out / "server.log") as server:
-        for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
-            for sentences, seed, prompt, key in prompts:
-                prediction, prompt_len, kept = ask(server, prompt, name, budget, args.window)
-                runs.append(Run("engine", name, budget, f"passkey-{sentences}", seed, key, prediction,
-                                key in prediction, prompt_len, kept))
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
+                replies = pool.map(lambda p: ask(server, p[2], name, budget, args.window), prompts)
+                for (sentences, seed, _, key), (prediction, prompt_len, kept) in zip(prompts, replies, strict=True):
+                    runs.append(Run("engine", name, budget, f"passkey-{sentences}", seed, key, prediction,
+                                    key in prediction, prompt_len, kept))
     summary = summarize(runs)
     command = "python -m benchmarks.text_needle " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"command": command, "seconds": time.perf_counter() - started, "model": str(args.model),

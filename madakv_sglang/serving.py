@@ -101,6 +101,15 @@ def _group_members(group: int) -> list[int]:
     return members
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` in the main thread, so ``with Server(...)`` blocks stop their servers.
+
+    A server runs in its own session (see :class:`Server`), so ``kill`` of a benchmark does not reach it; without
+    this the benchmark dies without unwinding and its server keeps serving, and eating CPU, on its own.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 class Server:
     """``python -m sglang.launch_server --model-path MODEL <CPU_ARGS> --port P <args>``, ready on return.
 

@@ -16,7 +16,9 @@ def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -
     out = tmp_path / "out"
     code = accuracy.main(["--model", str(model), "--policies", "full", "madakv", "h2o", "--budgets", "0.2",
                           "--samples", "1", "--sentences", "16", "--images", "2", "--path", "both",
-                          "--out", str(out)])
+                          # one request at a time: random weights leave near-ties that another batch shape's
+                          # float sums could flip, and this test wants exact agreement
+                          "--concurrency", "1", "--out", str(out)])
     assert code == 0
     record = json.loads((out / "results.json").read_text())
     cells = record["summary"]["cells"]
