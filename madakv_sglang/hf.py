@@ -21,10 +21,11 @@ with; models with sliding-window or linear-attention layers are refused (their c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import torch
@@ -338,6 +339,9 @@ class HFResult:
         kv_bytes_full: K/V bytes of the dense prompt cache.
         kv_bytes_kept: K/V bytes of the compressed prompt cache (padding included), before any generated token.
         prompt_len: n.
+        step_seconds: wall time of each decode forward, from one chosen token to the next. Choosing a token
+            reads it to the host (``int(argmax)``), which waits for the device, so on a GPU these are device
+            times too, with no extra synchronisation.
     """
 
     tokens: list[int]
@@ -346,6 +350,7 @@ class HFResult:
     kv_bytes_full: int
     kv_bytes_kept: int
     prompt_len: int
+    step_seconds: list[float] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -374,12 +379,16 @@ def generate(
     logits = pre.logits[0]
     del pre  # releases the dense K/V: from here on only the kept cells are held
     with _decoder_attention(model, DECODE_ATTENTION), _bound(_DECODE_CACHE, cache):
+        step_started = None
         while True:
             token = int(logits.argmax())
+            if step_started is not None:
+                result.step_seconds.append(time.perf_counter() - step_started)
             result.tokens.append(token)
             result.step_logits.append(logits)
             if len(result.tokens) == max_new_tokens or token == eos_token_id:
                 return result
+            step_started = time.perf_counter()
             step = torch.tensor([[token]], device=inputs["input_ids"].device)
             out = model(input_ids=step, past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1].float()
