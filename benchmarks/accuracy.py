@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -157,34 +158,44 @@ def markdown_table(summary: dict[str, Any], path: str, tasks: list[str] | None =
     return "\n".join(lines)
 
 
+def _task_order(task: str) -> tuple[int, list[int | str]]:
+    """The suite's tasks in their order, then others with numbers compared as numbers (passkey-40 < passkey-120)."""
+    rank = TASKS.index(task) if task in TASKS else len(TASKS)  # type: ignore[arg-type]
+    return rank, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", task)]
+
+
 def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
-    """Accuracy (mean over the needle tasks) vs nominal budget, and vs the slots actually held."""
+    """Accuracy vs nominal budget, and vs the slots actually held, one panel per needle task (not ``absent``).
+
+    Policies that choose the same cells draw the same line, so each policy has its own marker and dash pattern
+    and a line hidden under another still shows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = [c for c in summary["cells"] if c["path"] == path and c["task"] != "absent"]
+    tasks = sorted({c["task"] for c in cells}, key=_task_order)
+    markers, dashes = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
     written = []
     for x_key, label, name in (("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
                                ("slot_fraction", "slots held after compression (M / n)", "accuracy_vs_slots.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for policy in POLICIES:
-            points: dict[float, list[tuple[float, float]]] = defaultdict(list)
-            for c in cells:
-                if c["policy"] == policy:
-                    points[c["budget"]].append((c[x_key], c["accuracy"]))
-            if not points:
-                continue
-            xs = [sum(p[0] for p in v) / len(v) for _, v in sorted(points.items())]
-            ys = [sum(p[1] for p in v) / len(v) for _, v in sorted(points.items())]
-            ax.plot(xs, ys, marker="o", label=policy)
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (text, image, mixed)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), sharey=True, squeeze=False)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            for index, policy in enumerate(POLICIES):
+                points = sorted((c["budget"], c[x_key], c["accuracy"]) for c in cells
+                                if c["policy"] == policy and c["task"] == task)
+                if points:
+                    ax.plot([p[1] for p in points], [p[2] for p in points], label=policy, alpha=0.85,
+                            marker=markers[index % len(markers)], linestyle=dashes[index % len(dashes)])
+            ax.set_title(task)
+            ax.set_xlabel(label)
+            ax.set_ylim(-0.02, 1.02)
+        axes[0][0].set_ylabel("accuracy")
+        axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
     return written
