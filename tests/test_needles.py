@@ -45,14 +45,15 @@ def test_image_needle_is_the_only_image_with_a_saturated_shape(depth: float) -> 
     assert "The key is" not in sample.text() and not any(c in sample.text().lower() for c in COLOURS)
 
 
-def test_mixed_needs_the_image_for_the_colour_and_the_text_for_its_word() -> None:
+def test_mixed_needs_the_key_from_the_text_and_the_colour_from_the_image() -> None:
     for seed in range(20):
         sample = make_sample(NeedleConfig("mixed", sentences=16, images=3, depth=0.5), seed)
-        meanings = sample.meta["meanings"]
-        assert set(meanings) == set(COLOURS) and len(set(meanings.values())) == len(COLOURS)
-        assert sample.answer == meanings[sample.meta["colour"]]
-        for colour, word in meanings.items():  # every colour's meaning is in the text: the text alone cannot tell
-            assert f"{colour.capitalize()} means {word}." in sample.text()
+        key, colour = sample.meta["key"], sample.meta["colour"]
+        assert sample.answer == f"{key} {colour}" and key in KEYS and colour in COLOURS
+        assert f"The key is {key}." in sample.text() and colour not in sample.text().lower()  # colour: image only
+        assert sample.meta["needle_sentence"] == 8 and sample.meta["needle_image"] == 1  # both at depth 0.5
+        assert is_correct(f"{key}, {colour}.", sample.answer) and is_correct(f"{colour} {key}", sample.answer)
+        assert not is_correct(key, sample.answer) and not is_correct(colour, sample.answer)  # one half is wrong
 
 
 def test_absent_control_has_no_needle() -> None:

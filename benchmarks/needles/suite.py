@@ -6,9 +6,11 @@ so the images' share of the context is a parameter), then a question. Tasks:
 - ``text``: one sentence "The key is WORD." sits at depth d of the text; the question asks for the key.
 - ``image``: exactly one image, at depth d among the images, shows a saturated shape of a named colour on the
   noisy background every image has; the question asks for the shape's colour.
-- ``mixed``: one image shows a coloured shape (at depth d) and the text, at the same depth, lists what every
-  colour means ("red means apple. blue means river. ..."); the answer is the word of the shape's colour, so
-  it needs the image (which colour) and the text (what it means).
+- ``mixed``: both needles at once, the key sentence at depth d of the text and the coloured shape at depth d among
+  the images; the question asks for the key and the colour, and the answer ("apple red") is right only when both
+  words are, so it needs a text token and an image token to survive eviction together. (A two-hop variant, "red
+  means apple" in the text and the answer the meaning of the shape's colour, was not learnable by a model of
+  <= 20 MB trained on 2 CPU cores: it stayed at chance, 1 in 4, for thousands of steps; see the model card.)
 - ``absent``: the haystack alone, with the text task's question; the answer is "none" (a model that always
   names a key fails it).
 
@@ -41,7 +43,7 @@ _KEY_QUESTION = "What is the key? Answer with one word."
 QUESTIONS = {
     "text": _KEY_QUESTION,
     "image": "What color is the shape in the images? Answer with one word.",
-    "mixed": "What does the color of the shape in the images mean? Answer with one word.",
+    "mixed": "What is the key, and what color is the shape in the images? Answer with two words.",
     "absent": _KEY_QUESTION,  # the same question as the text task, so only the needle's presence differs
 }
 
@@ -131,20 +133,11 @@ def make_sample(config: NeedleConfig, seed: int) -> NeedleSample:
         meta.update(needle_image=where, colour=colour, shape=shape)
         answer = colour
     if config.task in ("text", "mixed"):
+        key = rng.choice(KEYS)
         where = _at_depth(config.sentences + 1, config.depth)
-        if config.task == "text":
-            answer = rng.choice(KEYS)
-            needle = f"The key is {answer}."
-        else:
-            words = rng.sample(KEYS, len(COLOURS))
-            meaning = dict(zip(sorted(COLOURS), words, strict=True))
-            order = sorted(COLOURS)
-            rng.shuffle(order)
-            needle = " ".join(f"{c.capitalize()} means {meaning[c]}." for c in order)
-            answer = meaning[meta["colour"]]
-            meta["meanings"] = meaning
-        sentences.insert(where, needle)
-        meta["needle_sentence"] = where
+        sentences.insert(where, f"The key is {key}.")
+        meta.update(needle_sentence=where, key=key)
+        answer = key if config.task == "text" else f"{key} {meta['colour']}"
     return NeedleSample(config, _interleave(sentences, len(images)), images, QUESTIONS[config.task], answer, meta)
 
 
@@ -175,7 +168,11 @@ def make_suite(configs: list[NeedleConfig], samples_per_config: int, seed: int =
 
 
 def is_correct(prediction: str, answer: str) -> bool:
-    """The answer word appears in the prediction as a word (MileBench's needle rule: ``gt in pred.split()``),
-    ignoring case and punctuation."""
-    words = "".join(ch if ch.isalnum() else " " for ch in prediction.lower()).split()
-    return answer.lower() in words
+    """Every word of the answer appears in the prediction as a word (MileBench's needle rule, ``gt in
+    pred.split()``, applied to each word), ignoring case and punctuation."""
+    words = set(_words(prediction))
+    return all(word in words for word in _words(answer))
+
+
+def _words(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
