@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_suite
+from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
 from madakv_sglang.serving import exit_on_sigterm
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         depths = [(i + 0.5) / args.samples for i in range(args.samples)]  # needles spread over the context
         configs += [NeedleConfig(task, sentences=args.sentences, images=args.images, depth=d) for d in depths]
-    samples = make_suite(configs, samples_per_config=1, seed=args.seed)
+    # One seed per prompt, so (task, seed) names a prompt: the HF/engine agreement pairs runs by it.
+    samples = [make_sample(config, args.seed + index) for index, config in enumerate(configs)]
     grid = [(name, budget) for name in args.policies for budget in ([1.0] if name == "full" else args.budgets)]
     runs: list[Run] = []
     started = time.perf_counter()

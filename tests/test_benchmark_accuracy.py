@@ -15,7 +15,7 @@ def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -
     model = write_checkpoint("qwen2_vl", tmp_path / "model", seed=0)
     out = tmp_path / "out"
     code = accuracy.main(["--model", str(model), "--policies", "full", "madakv", "h2o", "--budgets", "0.2",
-                          "--samples", "1", "--sentences", "16", "--images", "2", "--path", "both",
+                          "--samples", "2", "--sentences", "16", "--images", "2", "--path", "both",
                           # one request at a time: random weights leave near-ties that another batch shape's
                           # float sums could flip, and this test wants exact agreement
                           "--concurrency", "1", "--out", str(out)])
@@ -24,11 +24,12 @@ def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -
     cells = record["summary"]["cells"]
     assert {(c["path"], c["policy"]) for c in cells} == {
         ("hf", "full"), ("hf", "madakv"), ("hf", "h2o"), ("engine", "full"), ("engine", "madakv")}  # h2o: HF only
-    assert all(0.0 <= c["accuracy"] <= 1.0 and c["samples"] == 1 for c in cells)
+    assert all(0.0 <= c["accuracy"] <= 1.0 and c["samples"] == 2 for c in cells)
     madakv = [c for c in cells if c["policy"] == "madakv"]
     full = [c for c in cells if c["policy"] == "full"]
     assert all(c["slot_fraction"] < 0.5 for c in madakv) and all(c["slot_fraction"] == 1.0 for c in full)
     agreement = record["summary"]["agreement"]
-    assert agreement["pairs"] == 8 and agreement["differences"] == [], agreement
+    # 2 prompts x 4 tasks x (full, madakv): every engine run is paired with the HF run of the same prompt
+    assert agreement["pairs"] == 16 and agreement["differences"] == [], agreement
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0 and (out / "accuracy_vs_slots.png").exists()
     assert "| madakv | 0.2 |" in (out / "table.md").read_text()
