@@ -178,6 +178,7 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
     cells = [c for c in summary["cells"] if c["path"] == path and c["task"] != "absent"]
     tasks = sorted({c["task"] for c in cells}, key=_task_order)
     markers, dashes = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
+    colours = [*plt.get_cmap("tab10").colors, "black"]  # one per policy: tab10 alone repeats after ten
     written = []
     for x_key, label, name in (("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
                                ("slot_fraction", "slots held after compression (M / n)", "accuracy_vs_slots.png")):
@@ -188,7 +189,8 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
                                 if c["policy"] == policy and c["task"] == task)
                 if points:
                     ax.plot([p[1] for p in points], [p[2] for p in points], label=policy, alpha=0.85,
-                            marker=markers[index % len(markers)], linestyle=dashes[index % len(dashes)])
+                            color=colours[index % len(colours)], marker=markers[index % len(markers)],
+                            linestyle=dashes[index % len(dashes)])
             ax.set_title(task)
             ax.set_xlabel(label)
             ax.set_ylim(-0.02, 1.02)
