@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample
+from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample, prompt_inputs, prompt_text
+from benchmarks.needles.suite import png_data_url
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
 from madakv_sglang.serving import exit_on_sigterm
@@ -73,26 +74,10 @@ def policy_config(name: str, budget: float, window: int) -> PolicyConfig:
     return PolicyConfig(budget=str(budget), window=window, **fields)
 
 
-def chat_messages(sample: NeedleSample) -> list[dict[str, Any]]:
-    """The user turn as the processor's chat template wants it (images as ``{"type": "image"}``)."""
-    content: list[dict[str, Any]] = [
-        {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in sample.segments
-    ]
-    content.append({"type": "text", "text": "\n" + sample.question})
-    return [{"role": "user", "content": content}]
-
-
-def hf_inputs(processor: Any, sample: NeedleSample) -> dict[str, torch.Tensor]:
-    text = processor.apply_chat_template(chat_messages(sample), add_generation_prompt=True, tokenize=False)
-    inputs = dict(processor(text=[text], images=sample.images or None, return_tensors="pt"))
-    inputs.pop("attention_mask", None)
-    return inputs
-
-
 def run_hf(model: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
     from madakv_sglang import hf
 
-    inputs = hf_inputs(processor, sample)
+    inputs = prompt_inputs(processor, sample)
     cfg = policy_config(name, budget, window)
     result = hf.generate(model, inputs, cfg, MAX_NEW_TOKENS, eos_token_id=processor.tokenizer.eos_token_id)
     prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
@@ -101,19 +86,22 @@ def run_hf(model: Any, processor: Any, sample: NeedleSample, name: str, budget: 
                is_correct(prediction, sample.answer), result.prompt_len, kept)
 
 
-def run_engine(server: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
-    from benchmarks.needles.suite import png_data_url
-
-    text = processor.apply_chat_template(chat_messages(sample), add_generation_prompt=True, tokenize=False)
-    cfg = policy_config(name, budget, window)
-    custom = {f"kv_{key}": value for key, value in cfg.to_strings().items()}
-    payload = {"text": text, "image_data": [png_data_url(image) for image in sample.images] or None,
-               "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS, "custom_params": custom}}
-    output = server.post("/generate", payload)
+def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, window: int, max_new_tokens: int
+               ) -> tuple[str, int, int]:
+    """POST ``request`` (``text``, ``image_data``, ...) to ``/generate`` greedily with the policy and budget in
+    ``custom_params``; returns (prediction, prompt tokens, slots the request kept after compression)."""
+    custom = {f"kv_{key}": value for key, value in policy_config(name, budget, window).to_strings().items()}
+    output = server.post("/generate", {**request, "sampling_params": {
+        "temperature": 0, "max_new_tokens": max_new_tokens, "custom_params": custom}})
     prompt_len = int(output["meta_info"]["prompt_tokens"])
     report = output["meta_info"].get("madakv") or [{}]
-    kept = int(report[0].get("kept_slots", prompt_len))
-    prediction = str(output["text"])
+    return str(output["text"]), prompt_len, int(report[0].get("kept_slots", prompt_len))
+
+
+def run_engine(server: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
+    request = {"text": prompt_text(processor, sample),
+               "image_data": [png_data_url(image) for image in sample.images] or None}
+    prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, MAX_NEW_TOKENS)
     return Run("engine", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
                is_correct(prediction, sample.answer), prompt_len, kept)
 

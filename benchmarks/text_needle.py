@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import POLICIES, Run, markdown_table, plot, policy_config, summarize
+from benchmarks.accuracy import POLICIES, Run, ask_engine, markdown_table, plot, summarize
 from benchmarks.needles import NeedleConfig, make_sample
 from madakv_sglang.serving import exit_on_sigterm
 
@@ -42,16 +42,6 @@ def passkey_prompt(tokenizer: Any, sentences: int, depth: float, seed: int) -> t
                                      f"The pass key is {key}. Remember it. {key} is the pass key.")
     messages = [{"role": "user", "content": INTRO + haystack + QUESTION}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + PRIME, key
-
-
-def ask(server: Any, prompt: str, name: str, budget: float, window: int) -> tuple[str, int, int]:
-    """(prediction, prompt tokens, slots kept) for one policy and budget, through ``custom_params``."""
-    custom = {f"kv_{k}": v for k, v in policy_config(name, budget, window).to_strings().items()}
-    output = server.post("/generate", {"text": prompt, "sampling_params": {
-        "temperature": 0, "max_new_tokens": MAX_NEW_TOKENS, "custom_params": custom}})
-    prompt_len = int(output["meta_info"]["prompt_tokens"])
-    report = output["meta_info"].get("madakv") or [{}]
-    return str(output["text"]), prompt_len, int(report[0].get("kept_slots", prompt_len))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     with Server(args.model, server_args, args.out / "server.log") as server:
         with ThreadPoolExecutor(args.concurrency) as pool:
             for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
-                replies = pool.map(lambda p: ask(server, p[2], name, budget, args.window), prompts)
+                replies = pool.map(lambda p: ask_engine(server, {"text": p[2]}, name, budget, args.window,
+                                                         MAX_NEW_TOKENS), prompts)
                 for (sentences, seed, _, key), (prediction, prompt_len, kept) in zip(prompts, replies, strict=True):
                     runs.append(Run("engine", name, budget, f"passkey-{sentences}", seed, key, prediction,
                                     key in prediction, prompt_len, kept))

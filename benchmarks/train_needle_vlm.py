@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample
+from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample, prompt_inputs, prompt_text
 from madakv_sglang import checkpoints
 from madakv_sglang.checkpoints import ENDOFTEXT, IM_END
 from madakv_sglang.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB
@@ -195,27 +195,6 @@ def build_model(seed: int) -> Qwen2VLForConditionalGeneration:
 def build_processor() -> Qwen2VLProcessor:
     """The checkpoint's processor: ``checkpoints``' byte-level BPE tokenizer, image size limits and chat template."""
     return checkpoints._build_processor("qwen2_vl", checkpoints._build_tokenizer())
-
-
-def messages(sample: NeedleSample) -> list[dict[str, Any]]:
-    """One user turn as ``sample.openai_content()`` sends it: the segments in order, then ``"\\n" + question``."""
-    content: list[dict[str, Any]] = [
-        {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in sample.segments
-    ]
-    content.append({"type": "text", "text": "\n" + sample.question})
-    return [{"role": "user", "content": content}]
-
-
-def prompt_text(processor: Qwen2VLProcessor, sample: NeedleSample) -> str:
-    """The chat template's rendering, up to and including ``<|im_start|>assistant\\n``."""
-    return str(processor.apply_chat_template(messages(sample), add_generation_prompt=True, tokenize=False))
-
-
-def prompt_inputs(processor: Qwen2VLProcessor, sample: NeedleSample) -> dict[str, torch.Tensor]:
-    """The processor's tensors for one unpadded prompt (``input_ids`` ``[1, n]``, ``pixel_values``, ...)."""
-    inputs = dict(processor(text=[prompt_text(processor, sample)], images=sample.images or None, return_tensors="pt"))
-    inputs.pop("attention_mask", None)
-    return inputs
 
 
 def answer_ids(processor: Qwen2VLProcessor, answer: str) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from benchmarks import train_needle_vlm as needle_vlm
-from benchmarks.needles import TASKS, NeedleSample, is_correct
+from benchmarks.needles import TASKS, NeedleSample, is_correct, prompt_inputs
 from madakv_sglang.serving import Server
 
 MODEL_DIR = needle_vlm.DEFAULT_OUT
@@ -90,7 +90,7 @@ def test_sglang_serves_the_hf_answers(server: Server, checkpoint: tuple[Any, Any
             "messages": [{"role": "user", "content": sample.openai_content()}],
         })
         reply = chat["choices"][0]["message"]["content"]
-        prompt_len = needle_vlm.prompt_inputs(processor, sample)["input_ids"].shape[1]
+        prompt_len = prompt_inputs(processor, sample)["input_ids"].shape[1]
         assert chat["usage"]["prompt_tokens"] == prompt_len, sample.config  # the same rendering on both sides
         assert reply == hf_replies[index], (sample.config, sample.answer, reply, hf_replies[index])
 

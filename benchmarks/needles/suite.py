@@ -95,6 +95,15 @@ class NeedleSample:
         """The prompt as one string with ``image_marker`` where the images go."""
         return "".join(part if isinstance(part, str) else image_marker for part in self.segments)
 
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The user turn for a processor's chat template: what :meth:`openai_content` sends, images as
+        ``{"type": "image"}`` placeholders (the pixels go to the processor separately)."""
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in self.segments
+        ]
+        content.append({"type": "text", "text": "\n" + self.question})
+        return [{"role": "user", "content": content}]
+
     def openai_content(self) -> list[dict[str, Any]]:
         """OpenAI chat content parts (text and PNG data URLs), then the question."""
         parts: list[dict[str, Any]] = []
@@ -105,6 +114,18 @@ class NeedleSample:
                 parts.append({"type": "image_url", "image_url": {"url": png_data_url(self.images[part])}})
         parts.append({"type": "text", "text": "\n" + self.question})
         return parts
+
+
+def prompt_text(processor: Any, sample: NeedleSample) -> str:
+    """The chat template's rendering of ``sample``, up to and including the assistant's turn header."""
+    return str(processor.apply_chat_template(sample.chat_messages(), add_generation_prompt=True, tokenize=False))
+
+
+def prompt_inputs(processor: Any, sample: NeedleSample) -> dict[str, Any]:
+    """The processor's tensors for one unpadded prompt (``input_ids`` ``[1, n]``, ``pixel_values``, ...)."""
+    inputs = dict(processor(text=[prompt_text(processor, sample)], images=sample.images or None, return_tensors="pt"))
+    inputs.pop("attention_mask", None)
+    return inputs
 
 
 def png_data_url(image: Image.Image) -> str:
