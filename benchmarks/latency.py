@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.accuracy import POLICIES, policy_config
 from madakv_sglang import hf
-from madakv_sglang.config import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,13 @@ def prompt_ids(shape: Shape, context: int, visual_share: float, window: int, gen
 def measure(model: Any, shape: str, ids: torch.Tensor, name: str, budget: float, window: int, decode_tokens: int
             ) -> Row:
     """One policy x budget on one prompt; the ratios against full are filled in by the caller."""
-    cfg = PolicyConfig(policy="full") if name == "full" else PolicyConfig(policy=name, budget=str(budget),
-                                                                          window=window)
-    result = hf.generate(model, {"input_ids": ids}, cfg, decode_tokens + 1)  # no eos: exactly that many steps
+    # no eos: exactly decode_tokens steps after the first token
+    result = hf.generate(model, {"input_ids": ids}, policy_config(name, budget, window), decode_tokens + 1)
     steps = result.step_seconds[1:] or result.step_seconds  # the first step also warms the attention kernels
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cell_bytes = 2 * head_dim * next(model.parameters()).element_size()  # one K and one V vector
-    visual = int((ids == config.image_token_id).sum())
+    visual = int(hf.visual_mask(model, ids).sum())  # the positions the policies treat as image tokens
     return Row(shape=shape, context=ids.shape[1], visual_tokens=visual, policy=name,
                budget=budget if name != "full" else 1.0,
                decode_ms=1e3 * statistics.median(steps), kv_bytes_full=result.kv_bytes_full,
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-vl-7b", "llava-1.5-7b"], choices=list(SHAPES))
     parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768])
-    parser.add_argument("--policies", nargs="+", default=["madakv", "snapkv"])
+    parser.add_argument("--policies", nargs="+", default=["madakv", "snapkv"], choices=list(POLICIES))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.2])
     parser.add_argument("--visual-share", type=float, default=0.8, help="share of the prompt that is image tokens")
     parser.add_argument("--window", type=int, default=32)
