@@ -18,6 +18,11 @@ once (``#running-req`` of decode batches; running + new in a prefill batch), the
 the peak held by running requests (decode ``#token``), retractions, and the slots madakv reclaimed. Every number
 is also given as a ratio against ``full`` at the same prompt length, measured in the same run.
 
+``--repeats N`` measures every configuration N times, in rounds whose order alternates (A B C, C B A, ...). Each
+ratio is taken within its round, and the table gives the medians with the lowest and highest ratio, so a reader
+sees how far the shared machine moved them. A request the server failed (SGLang's client counts a streamed error
+as completed) stops the benchmark with the server's message instead of reporting numbers for less work.
+
 Output: ``--out`` (JSON) and a markdown table with the command line, ready for ``benchmarks/RESULTS.md``; the
 server and client logs stay in ``--log-dir``. The JSON also keeps SGLang's whole result line per configuration,
 the exact client command, and the host's load average around each run: on a shared CPU machine the timings
@@ -52,7 +57,7 @@ import threading
 import time
 import types
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,9 +141,10 @@ def gpu_workload() -> Workload:
     return Workload("image", num_prompts=200, output_len=128, image_count=4, image_resolution="720p", seed=0)
 
 
-def config_name(spec: PolicySpec, input_len: int) -> str:
-    """File stem of one configuration's logs: ``madakv_0.1-in64``."""
-    return f"{spec.label.replace(':', '_')}-in{input_len}"
+def config_name(spec: PolicySpec, input_len: int, round_index: int | None = None) -> str:
+    """File stem of one configuration's logs: ``madakv_0.1-in64``, or ``madakv_0.1-in64-r2`` in round 2."""
+    stem = f"{spec.label.replace(':', '_')}-in{input_len}"
+    return stem if round_index is None else f"{stem}-r{round_index}"
 
 
 # ---- the server log ----
@@ -148,6 +154,9 @@ _PREFILL = re.compile(r"Prefill batch, #new-seq: (\d+), .*?token usage: ([\d.]+)
 _RECLAIM = re.compile(r"madakv: reclaimed (\d+) slots in this batch \(\d+ since start\); pool available (\d+) of (\d+)")
 _RETRACT = re.compile(r"#retracted_reqs: (\d+)")
 _POOL = re.compile(r"max_total_num_tokens=(\d+)")
+# A request that failed inside the server. Streamed, it still ends with HTTP 200, and SGLang's client counts it as
+# completed with its full output length (0.5.23 reads no "error" in a stream): only the server log tells.
+_ERROR = re.compile(r"\[http_server\] Error: (.*)")
 
 
 @dataclass
@@ -163,6 +172,8 @@ class LogStats:
         peak_held_kv_slots: most slots held during a decode batch (decode ``#token``): what running requests keep.
         reclaimed_slots: slots madakv returned to the pool.
         retracted_requests: requests SGLang retracted because the pool was full.
+        failed_requests: requests the server answered with an error (``[http_server] Error:`` lines).
+        first_error: the first such error's message, or None.
     """
 
     pool_slots: int
@@ -171,6 +182,8 @@ class LogStats:
     peak_held_kv_slots: int
     reclaimed_slots: int
     retracted_requests: int
+    failed_requests: int = 0
+    first_error: str | None = None
 
 
 def parse_server_log(text: str, pool_slots: int | None = None) -> LogStats:
@@ -195,9 +208,20 @@ def parse_server_log(text: str, pool_slots: int | None = None) -> LogStats:
         freed, available, total = int(match[1]), int(match[2]), int(match[3])
         reclaimed += freed
         used.append(total - available + freed)
+    errors = _ERROR.findall(text)
     return LogStats(pool_slots=pool_slots, peak_running_requests=max(running), peak_kv_slots=max(used + held),
                     peak_held_kv_slots=max(held), reclaimed_slots=reclaimed,
-                    retracted_requests=sum(int(n) for n in _RETRACT.findall(text)))
+                    retracted_requests=sum(int(n) for n in _RETRACT.findall(text)),
+                    failed_requests=len(errors), first_error=errors[0].strip() if errors else None)
+
+
+def check_all_served(name: str, client: dict[str, Any], stats: LogStats, num_prompts: int) -> None:
+    """Refuse a measurement in which any request failed: its throughput and slot peaks would describe less work."""
+    completed = client.get("completed")
+    if stats.failed_requests or completed != num_prompts:
+        raise RuntimeError(
+            f"{name}: {stats.failed_requests} of {num_prompts} requests failed in the server (first: "
+            f"{stats.first_error!r}); SGLang's client reports {completed} completed. No numbers are reported.")
 
 
 # ---- SGLang's client ----
@@ -245,12 +269,14 @@ def read_client_result(path: Path) -> dict[str, Any]:
 
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
-    """Give every run ``ratios[metric] = value / full's value`` at the same prompt length (None if undefined)."""
-    full = {run["input_len"]: run for run in runs if run["policy"] == "full"}
+    """Give every run ``ratios[metric] = value / full's value`` at the same prompt length in the same round
+    (None if undefined)."""
+    full = {(run.get("round", 0), run["input_len"]): run for run in runs if run["policy"] == "full"}
     for run in runs:
-        base = full.get(run["input_len"])
+        base = full.get((run.get("round", 0), run["input_len"]))
         if base is None:
-            raise ValueError(f"no full run at input length {run['input_len']} to compare {run['config']} with")
+            raise ValueError(f"no full run at input length {run['input_len']} in round {run.get('round', 0)} "
+                             f"to compare {run['config']} with")
         ratios: dict[str, float | None] = {}
         for key in (*CLIENT_METRICS, *SERVER_METRICS):
             value, reference = run["metrics"].get(key), base["metrics"].get(key)
@@ -259,14 +285,49 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
         run["ratios"] = ratios
 
 
+def summarize_rounds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration and prompt length, in first-seen order: the median over rounds of every metric
+    and of every ratio (each ratio taken within its round), and the lowest and highest ratio."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["config"], run["input_len"]), []).append(run)
+    rows = []
+    for (config, input_len), group in groups.items():
+        first = group[0]
+        row: dict[str, Any] = {"config": config, "policy": first["policy"], "budget": first["budget"],
+                               "input_len": input_len, "rounds": len(group), "metrics": {}, "ratios": {},
+                               "ratio_range": {}, "server": {"retracted_requests": sum(
+                                   run["server"]["retracted_requests"] for run in group)}}
+        for key in first["metrics"]:
+            row["metrics"][key] = _median([run["metrics"].get(key) for run in group])
+            ratios = [run["ratios"].get(key) for run in group]
+            row["ratios"][key] = _median(ratios)
+            known = [ratio for ratio in ratios if ratio is not None]
+            row["ratio_range"][key] = [min(known), max(known)] if len(known) == len(group) else None
+        rows.append(row)
+    return rows
+
+
+def _median(values: list[Any]) -> float | int | None:
+    """Median of numbers; None when any is missing (a metric one round lacks has no honest median)."""
+    if not values or any(not isinstance(value, (int, float)) for value in values):
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return round((ordered[middle - 1] + ordered[middle]) / 2, 4)
+
+
 def make_run(spec: PolicySpec, input_len: int, client: dict[str, Any], stats: LogStats,
-             server_args: list[str], client_args: list[str]) -> dict[str, Any]:
+             server_args: list[str], client_args: list[str], round_index: int = 0) -> dict[str, Any]:
     client = dict(client)
     load = client.pop("host_load_1m", None)
     metrics = {key: client.get(key) for key in CLIENT_METRICS}
     metrics.update({key: getattr(stats, key) for key in SERVER_METRICS})
     return {
         "config": spec.label, "policy": spec.policy, "budget": spec.budget, "input_len": input_len,
+        "round": round_index,
         "completed": client.get("completed"), "duration_s": client.get("duration"),
         "total_input_tokens": client.get("total_input_tokens"),
         "total_input_vision_tokens": client.get("total_input_vision_tokens"),
@@ -305,54 +366,69 @@ def server_pool(server: Server) -> int | None:
     return int(pools[-1]) if pools else None
 
 
+def measurement_order(specs: list[PolicySpec], input_lens: list[int],
+                      repeats: int) -> list[tuple[int, int, PolicySpec]]:
+    """(round, input length, configuration) in the order they are measured.
+
+    Every round measures every configuration; odd rounds go backwards (A B C, C B A, ...), so a drift in the
+    machine's load over the run favours no configuration, and each round's ratios compare neighbours in time.
+    """
+    one_round = [(input_len, spec) for input_len in input_lens for spec in specs]
+    order = []
+    for round_index in range(repeats):
+        for input_len, spec in (one_round if round_index % 2 == 0 else one_round[::-1]):
+            order.append((round_index, input_len, spec))
+    return order
+
+
 def run_cpu(model: Path, specs: list[PolicySpec], input_lens: list[int], workload: Workload, pool: int,
             window: int | None, extra_server_args: list[str], log_dir: Path,
-            client_timeout: float) -> list[dict[str, Any]]:
-    """One server after another, each measured alone. Two overlaps save time without touching a measurement:
-    the client imports while its server starts, and a measured server stops while the next one starts (the
-    next measurement waits for it to be gone)."""
+            client_timeout: float, repeats: int = 1) -> list[dict[str, Any]]:
+    """One server after another, each measured alone, ``repeats`` rounds (see :func:`measurement_order`). Two
+    overlaps save time without touching a measurement: the client imports while its server starts, and a
+    measured server stops while the next one starts (the next measurement waits for it to be gone)."""
     from madakv_sglang.serving import CPU_ENV, Server, free_port
 
     runs = []
     stopping: threading.Thread | None = None
     try:
-        for input_len in input_lens:
-            for spec in specs:
-                name = config_name(spec, input_len)
-                server_args = ["--max-total-tokens", str(pool), "--decode-log-interval", "1", *extra_server_args,
-                               *spec.server_args(window)]
-                if spec.policy == "full":
-                    # madakv prefills through torch_native on CPU (MADAKV_BASE_BACKEND); full runs the same kernels.
-                    server_args += ["--attention-backend", "torch_native"]
-                port = free_port()
-                output = log_dir / f"{name}.jsonl"
-                output.unlink(missing_ok=True)
-                args = client_command(str(model), port, workload, input_len, output)
-                print(f"[serving] {name}: starting the server ({' '.join(server_args)})", file=sys.stderr, flush=True)
-                with open(output.with_suffix(".client.log"), "w") as client_log:
-                    client = subprocess.Popen(
-                        [sys.executable, "-c", "from benchmarks.serving import run_sglang_client as r; r(wait=True)",
-                         *args], cwd=ROOT, env={**os.environ, **CPU_ENV, **OFFLINE_ENV}, stdin=subprocess.PIPE,
-                        stdout=client_log, stderr=subprocess.STDOUT, text=True)
+        for round_index, input_len, spec in measurement_order(specs, input_lens, repeats):
+            name = config_name(spec, input_len, round_index if repeats > 1 else None)
+            server_args = ["--max-total-tokens", str(pool), "--decode-log-interval", "1", *extra_server_args,
+                           *spec.server_args(window)]
+            if spec.policy == "full":
+                # madakv prefills through torch_native on CPU (MADAKV_BASE_BACKEND); full runs the same kernels.
+                server_args += ["--attention-backend", "torch_native"]
+            port = free_port()
+            output = log_dir / f"{name}.jsonl"
+            output.unlink(missing_ok=True)
+            args = client_command(str(model), port, workload, input_len, output)
+            print(f"[serving] {name}: starting the server ({' '.join(server_args)})", file=sys.stderr, flush=True)
+            with open(output.with_suffix(".client.log"), "w") as client_log:
+                client = subprocess.Popen(
+                    [sys.executable, "-c", "from benchmarks.serving import run_sglang_client as r; r(wait=True)",
+                     *args], cwd=ROOT, env={**os.environ, **CPU_ENV, **OFFLINE_ENV}, stdin=subprocess.PIPE,
+                    stdout=client_log, stderr=subprocess.STDOUT, text=True)
+            try:
+                server = Server(model, server_args, log_dir / f"{name}.log", port=port)
                 try:
-                    server = Server(model, server_args, log_dir / f"{name}.log", port=port)
-                    try:
-                        if stopping is not None:
-                            stopping.join()
-                        result, stats = _measure(server, client, output, client_timeout)
-                    finally:
-                        stopping = threading.Thread(target=server.stop)
-                        stopping.start()
+                    if stopping is not None:
+                        stopping.join()
+                    result, stats = _measure(server, client, output, client_timeout)
                 finally:
-                    if client.poll() is None:
-                        client.kill()
-                    client.wait()
-                if stats.pool_slots != pool:
-                    raise RuntimeError(f"{name}: SGLang sized the pool to {stats.pool_slots} slots, not {pool}")
-                runs.append(make_run(spec, input_len, result, stats, server_args, args))
-                print(f"[serving] {name}: {result.get('request_throughput', 0):.2f} req/s, "
-                      f"peak {stats.peak_running_requests} running, peak {stats.peak_kv_slots} slots",
-                      file=sys.stderr, flush=True)
+                    stopping = threading.Thread(target=server.stop)
+                    stopping.start()
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                client.wait()
+            if stats.pool_slots != pool:
+                raise RuntimeError(f"{name}: SGLang sized the pool to {stats.pool_slots} slots, not {pool}")
+            check_all_served(name, result, stats, workload.num_prompts)
+            runs.append(make_run(spec, input_len, result, stats, server_args, args, round_index))
+            print(f"[serving] {name}: {result.get('request_throughput', 0):.2f} req/s, "
+                  f"peak {stats.peak_running_requests} running, peak {stats.peak_kv_slots} slots",
+                  file=sys.stderr, flush=True)
     finally:
         if stopping is not None:
             stopping.join()
@@ -360,8 +436,10 @@ def run_cpu(model: Path, specs: list[PolicySpec], input_lens: list[int], workloa
     return runs
 
 
-def summarize_dir(directory: Path, specs: list[PolicySpec], input_lens: list[int]) -> list[dict[str, Any]]:
-    """The report of a ``--print-gpu-commands`` run: ``<config>.log`` and ``<config>.jsonl`` in ``directory``."""
+def summarize_dir(directory: Path, specs: list[PolicySpec], input_lens: list[int],
+                  num_prompts: int) -> list[dict[str, Any]]:
+    """The report of a ``--print-gpu-commands`` run: ``<config>.log`` and ``<config>.jsonl`` in ``directory``,
+    each configuration having sent ``num_prompts`` requests."""
     runs = []
     for input_len in input_lens:
         for spec in specs:
@@ -372,6 +450,7 @@ def summarize_dir(directory: Path, specs: list[PolicySpec], input_lens: list[int
             # From the client's first call (its ready check), as the CPU path does: not the server's own warm-up.
             start = max(log.find('"GET /v1/models'), 0)
             stats = parse_server_log(log[start:], pool_slots=int(pools[-1]) if pools else None)
+            check_all_served(name, client, stats, num_prompts)
             runs.append(make_run(spec, input_len, client, stats, [], []))
     add_ratios(runs)
     return runs
@@ -388,10 +467,16 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.2g}" if abs(value) < 1 else f"{value:.{digits}f}"  # SGLang's median ITL can be ~0.01 ms
 
 
-def _cell(run: dict[str, Any], key: str, digits: int = 1) -> str:
-    value = _fmt(run["metrics"].get(key), digits)
-    ratio = run["ratios"].get(key)
-    return value if run["policy"] == "full" or ratio is None else f"{value} ({ratio:.2f}x)"
+def _cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
+    """``value (ratio x)``, and the ratio's range over the rounds when there were several."""
+    value = _fmt(row["metrics"].get(key), digits)
+    ratio = row["ratios"].get(key)
+    if row["policy"] == "full" or ratio is None:
+        return value
+    spread = row.get("ratio_range", {}).get(key)
+    if row.get("rounds", 1) > 1 and spread is not None:
+        return f"{value} ({ratio:.2f}x, {spread[0]:.2f}-{spread[1]:.2f})"
+    return f"{value} ({ratio:.2f}x)"
 
 
 def _load_note(runs: list[dict[str, Any]]) -> str:
@@ -409,28 +494,35 @@ TABLE_COLUMNS = (
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The command line, the setting, and one row per configuration; ratios against full in parentheses."""
+    """The command line, the setting, and one row per configuration; ratios against full in parentheses.
+
+    With several rounds a cell is the median over the rounds, then the median ratio and its lowest-highest.
+    """
     setting = report["setting"]
     prompts = setting["dataset"]
     if prompts == "image":
         prompts += f", {setting['image_count']} x {setting['image_resolution']} images"
+    repeats = setting.get("repeats", 1)
+    rounds = "" if repeats == 1 else (
+        f" Medians over {repeats} rounds (odd rounds in reverse order); each ratio is taken within its round, then"
+        " its median and lowest-highest are given.")
     lines = [
         "```bash", report["command"], "```",
         f"{setting['hardware']}; model {setting['model_name']}; pool {setting['max_total_tokens']} KV slots; "
         f"{setting['num_prompts']} prompts at once ({prompts}), {setting['output_len']} output tokens; "
-        f"SGLang {setting['sglang']}. Ratios against `full`." + _load_note(report["runs"]),
+        f"SGLang {setting['sglang']}. Ratios against `full`." + rounds + _load_note(report["runs"]),
         "",
         "| config | input len | " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " | retracted |",
         "|---|---:|" + "---:|" * len(TABLE_COLUMNS) + "---:|",
     ]
-    for run in report["runs"]:
-        cells = [run["config"], str(run["input_len"])]
+    for row in report["summary"]:
+        cells = [row["config"], str(row["input_len"])]
         for _, keys, digits in TABLE_COLUMNS:
             if isinstance(keys, tuple):
-                cells.append(" / ".join(_cell(run, key, digits) for key in keys))
+                cells.append(" / ".join(_cell(row, key, digits) for key in keys))
             else:
-                cells.append(_cell(run, keys, digits))
-        cells.append(str(run["server"]["retracted_requests"]))
+                cells.append(_cell(row, keys, digits))
+        cells.append(str(row["server"]["retracted_requests"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -489,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="POLICY[:BUDGET] each; must include full")
     parser.add_argument("--input-lens", nargs="+", type=int, default=[64, 256], help="random text tokens a prompt")
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="requests per configuration (default 16; with --summarize, the GPU commands' 200)")
     parser.add_argument("--dataset-name", choices=DATASETS, default="image")
     parser.add_argument("--image-count", type=int, default=2)
     parser.add_argument("--image-resolution", default="224x224", help="HxW or 360p/720p/1080p/4k")
@@ -503,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     parser.add_argument("--log-dir", type=Path, default=None, help="server and client logs (default: a temp dir)")
     parser.add_argument("--client-timeout", type=float, default=1800.0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every configuration (odd rounds in reverse order); the table gives medians")
     parser.add_argument("--print-gpu-commands", action="store_true",
                         help=f"print the benchmark as shell commands for one GPU and {GPU_MODEL}, and exit")
     parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
@@ -512,16 +607,19 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_on_sigterm()
     specs = _policy_specs(args.policies)
+    if args.repeats < 1:
+        raise SystemExit("--repeats: at least 1")
     if args.print_gpu_commands:
         print(gpu_commands(specs))
         return 0
 
-    workload = Workload(args.dataset_name, args.num_prompts, args.output_len, args.image_count,
+    workload = Workload(args.dataset_name, args.num_prompts or 16, args.output_len, args.image_count,
                         args.image_resolution, args.seed)
     command = "python -m benchmarks.serving " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.summarize is not None:
         workload = gpu_workload()
-        runs = summarize_dir(args.summarize, specs, args.input_lens)
+        workload = replace(workload, num_prompts=args.num_prompts or workload.num_prompts)
+        runs = summarize_dir(args.summarize, specs, args.input_lens, workload.num_prompts)
         args.max_total_tokens = runs[0]["server"]["pool_slots"]
         model_name, hardware = GPU_MODEL, "GPU (see the logs)"
     else:
@@ -534,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir.mkdir(parents=True, exist_ok=True)
         print(f"[serving] logs in {log_dir}", file=sys.stderr, flush=True)
         runs = run_cpu(args.model.resolve(), specs, args.input_lens, workload, args.max_total_tokens, args.kv_window,
-                       args.server_arg, log_dir, args.client_timeout)
+                       args.server_arg, log_dir, args.client_timeout, args.repeats)
         model_name, hardware = args.model.name, _hardware()
 
     import sglang
@@ -543,8 +641,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "setting": {"hardware": hardware, "model": str(args.model or args.summarize), "model_name": model_name,
                     "max_total_tokens": args.max_total_tokens, "sglang": sglang.__version__,
-                    "kv_window": args.kv_window, "server_args": args.server_arg, **asdict(workload)},
+                    "kv_window": args.kv_window, "server_args": args.server_arg, "repeats": args.repeats,
+                    **asdict(workload)},
         "runs": runs,
+        "summary": summarize_rounds(runs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

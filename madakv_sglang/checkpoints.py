@@ -127,6 +127,9 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        # As in Qwen2-VL's own tokenizer: every control token is listed as special, so ``all_special_ids`` holds
+        # them and clients that draw random prompt ids (SGLang's benchmark) leave them out.
+        additional_special_tokens=[text for text in SPECIAL_TOKENS if text not in ("<|im_end|>", "<|endoftext|>")],
         chat_template=CHAT_TEMPLATE,
         model_max_length=MAX_POSITIONS,
         clean_up_tokenization_spaces=False,
