@@ -35,14 +35,14 @@ GPU server with a real model (Qwen2.5-VL-7B, 200 prompts of 4 x 720p images, 64k
 ``--summarize DIR`` turns their logs and JSON into the same report (each log read from the client's first call).
 
 SGLang 0.5.23's ``sglang.benchmark.serving`` imports ``datasets`` (for its MMMU loader) at start-up; where that
-package is missing (our CPU venv) the client runs with a stand-in that refuses ``load_dataset``, which the
-``image`` and ``random-ids`` datasets never call.
+package is missing (our CPU venv) the client runs with the stand-in of :mod:`madakv_sglang.sglang.bench_datasets`,
+which the ``image`` and ``random-ids`` datasets never call.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -55,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -233,14 +232,9 @@ def run_sglang_client(wait: bool = False) -> None:
     ``wait``: import SGLang's client first (seconds of CPU), then start only when a line arrives on stdin, so
     the import overlaps the server's start-up instead of adding to it.
     """
-    if importlib.util.find_spec("datasets") is None:
-        stub = types.ModuleType("datasets")
+    from madakv_sglang.sglang.bench_datasets import allow_missing_datasets
 
-        def load_dataset(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("the 'datasets' package is not installed: use --dataset-name image or random-ids")
-
-        stub.load_dataset = load_dataset  # type: ignore[attr-defined]
-        sys.modules["datasets"] = stub
+    allow_missing_datasets()
     if wait:
         importlib.import_module("sglang.benchmark.serving")
         if not sys.stdin.readline():
