@@ -104,6 +104,25 @@ def test_batching_does_not_change_decisions(seed, L, H, lengths, policy, budget)
         assert torch.equal(alone.keep[0], together.keep[r, ..., :n])
 
 
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10_000), L=st.integers(1, 6), H=st.integers(1, 4), n=st.integers(20, 120),
+       visual_frac=st.sampled_from([0.0, 0.4, 0.8]), budget=st.sampled_from(["0.1", "0.2", "0.3"]),
+       hcc=st.sampled_from(["global", "paper"]), mpa=st.booleans())
+def test_hcc_keeps_a_subset_of_uniform_allotment_at_the_same_slots(seed, L, H, n, visual_frac, budget, hcc, mpa):
+    """A request holds M slots, its fullest layer's cells per head, in every layer (DESIGN §3). With the default
+    uniform head split, uniform allotment at budget M (hcc off) keeps every cell HCC kept, in the same M slots:
+    both select top-b per head and modality, and b only grows. So under this layout, at equal physical slots,
+    HCC only ever keeps fewer cells."""
+    scores, visual = batch(seed, L, H, [n], visual_frac)
+    cfg = PolicyConfig(policy="madakv", budget=budget, window=4, hcc=hcc, mpa=mpa)
+    hcc_sel = get_policy("madakv").select(inputs_for(cfg, scores, visual, [n]), cfg)
+    slots = int(slot_count(hcc_sel.all_head_counts)[0])
+    flat = PolicyConfig(policy="madakv", budget=str(slots), window=4, hcc="off", mpa=mpa)
+    flat_sel = get_policy("madakv").select(inputs_for(flat, scores, visual, [n]), flat)
+    assert int(slot_count(flat_sel.all_head_counts)[0]) == slots
+    assert not (hcc_sel.keep[0] & ~flat_sel.keep[0]).any(), "a cell HCC kept that the flat allotment dropped"
+
+
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(40, 120), budget=st.sampled_from(["0.1", "0.2", "0.4"]),
        hcc=st.sampled_from(["global", "paper", "off"]))
