@@ -50,6 +50,7 @@ import platform
 import re
 import runpy
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -306,11 +307,7 @@ def _median(values: list[Any]) -> float | int | None:
     """Median of numbers; None when any is missing (a metric one round lacks has no honest median)."""
     if not values or any(not isinstance(value, (int, float)) for value in values):
         return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return round((ordered[middle - 1] + ordered[middle]) / 2, 4)
+    return statistics.median(values)
 
 
 def make_run(spec: PolicySpec, input_len: int, client: dict[str, Any], stats: LogStats,
@@ -456,8 +453,10 @@ def summarize_dir(directory: Path, specs: list[PolicySpec], input_lens: list[int
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int) or (digits == 0 and float(value).is_integer()):
+        return str(round(value))
+    if digits == 0 and abs(value) < 100:
+        digits = 1  # a median of two counts (4.5 requests) keeps its half
     return f"{value:.2g}" if abs(value) < 1 else f"{value:.{digits}f}"  # SGLang's median ITL can be ~0.01 ms
 
 
@@ -506,7 +505,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{setting['num_prompts']} prompts at once ({prompts}), {setting['output_len']} output tokens; "
         f"SGLang {setting['sglang']}. Ratios against `full`." + rounds + _load_note(report["runs"]),
         "",
-        "| config | input len | " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " | retracted |",
+        "| config | input len | " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " | retracted (all rounds) |",
         "|---|---:|" + "---:|" * len(TABLE_COLUMNS) + "---:|",
     ]
     for row in report["summary"]:
@@ -603,16 +602,21 @@ def main(argv: list[str] | None = None) -> int:
     specs = _policy_specs(args.policies)
     if args.repeats < 1:
         raise SystemExit("--repeats: at least 1")
+    if args.repeats != 1 and (args.print_gpu_commands or args.summarize is not None):
+        raise SystemExit("--repeats: the GPU commands and --summarize cover one round")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise SystemExit("--num-prompts: at least 1")
     if args.print_gpu_commands:
         print(gpu_commands(specs))
         return 0
 
-    workload = Workload(args.dataset_name, args.num_prompts or 16, args.output_len, args.image_count,
+    num_prompts = 16 if args.num_prompts is None else args.num_prompts
+    workload = Workload(args.dataset_name, num_prompts, args.output_len, args.image_count,
                         args.image_resolution, args.seed)
     command = "python -m benchmarks.serving " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.summarize is not None:
         workload = gpu_workload()
-        workload = replace(workload, num_prompts=args.num_prompts or workload.num_prompts)
+        workload = replace(workload, num_prompts=workload.num_prompts if args.num_prompts is None else num_prompts)
         runs = summarize_dir(args.summarize, specs, args.input_lens, workload.num_prompts)
         args.max_total_tokens = runs[0]["server"]["pool_slots"]
         model_name, hardware = GPU_MODEL, "GPU (see the logs)"

@@ -13,15 +13,18 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+[ "$#" -gt 0 ] || { echo "usage: scripts/gpu-run.sh STEP... (tests, kernels, latency)" >&2; exit 2; }
 OUT="${OUT:-$PWD/gpu-out}"
 SITE=/tmp/madakv-gpu-site
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
-if [ ! -f "$SITE/.ready" ]; then
-    [ -f .gpu-deps/site.tar.xz ] || { echo "gpu-run: no .gpu-deps/site.tar.xz; run scripts/pack-gpu-deps.sh and carry .gpu-deps" >&2; exit 100; }
-    mkdir -p "$SITE" && tar -xJf .gpu-deps/site.tar.xz -C "$SITE" || exit 100
-    touch "$SITE/.ready"
+[ -f .gpu-deps/site.tar.xz ] || { echo "gpu-run: no .gpu-deps/site.tar.xz; run scripts/pack-gpu-deps.sh and carry .gpu-deps" >&2; exit 100; }
+# A warm machine keeps /tmp between calls: unpack again only when the carried pack changed.
+pack_sum="$(sha256sum .gpu-deps/site.tar.xz | cut -d' ' -f1)"
+if [ "$(cat "$SITE/.ready" 2>/dev/null)" != "$pack_sum" ]; then
+    rm -rf "$SITE" && mkdir -p "$SITE" && tar -xJf .gpu-deps/site.tar.xz -C "$SITE" || exit 100
+    echo "$pack_sum" > "$SITE/.ready"
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # Editable, as on the development machine: kernels/ is installed as madakv_sglang.kernels by the package's finder.
@@ -34,6 +37,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT
     python3 -c "import torch, triton, flashinfer, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 '| triton', triton.__version__, '| flashinfer', flashinfer.__version__, '| transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
+# The gpu tests skip without CUDA and FlashInfer JIT-compiles with nvcc: without either, every step would be hollow.
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "gpu-run: torch sees no CUDA device; nothing here would test a GPU" >&2; exit 100; }
+command -v nvcc > /dev/null || { echo "gpu-run: no nvcc on PATH; FlashInfer cannot JIT-compile its kernels" >&2; exit 100; }
 
 failed=0
 run_step() {  # name, command...

@@ -7,6 +7,9 @@
 # xz, so the whole of it travels, nothing trimmed: a missing header would only show on the GPU. With it:
 #   - apache-tvm-ffi, FlashInfer's runtime;
 #   - transformers 5.19: the image has 5.17, and the HF path (benchmarks/latency.py) needs >= 5.19.
+# FlashInfer's other imports (nvidia-ml-py, einops, tabulate, click, ninja) are in the image (device tool's
+# KINDS.md); `import flashinfer` needs nothing else (checked with a Python 3.11 pack here). Its optional
+# extras (cuDNN frontend, CUTLASS DSL, NCCL) serve kernels we never call.
 #
 # Usage (on the development machine, where pip reaches the registry):
 #   scripts/pack-gpu-deps.sh [PYTHON_VERSION]   # default 3.12, the GPU image's python3
@@ -33,7 +36,10 @@ trap 'rm -rf "$work"' EXIT
 rm -rf "$work/site/bin"
 
 mkdir -p "$OUT_DIR"
-grep -qx '/.gpu-deps/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu-deps/' >> "$ROOT/.git/info/exclude"
+exclude="$(git -C "$ROOT" rev-parse --git-path info/exclude)"  # also right in a worktree, where .git is a file
+case "$exclude" in /*) ;; *) exclude="$ROOT/$exclude" ;; esac
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.gpu-deps/' "$exclude" 2>/dev/null || echo '/.gpu-deps/' >> "$exclude"
 tar -C "$work/site" -cf - . | xz -6 -T2 > "$OUT_DIR/site.tar.xz"
 size=$(stat -c %s "$OUT_DIR/site.tar.xz")
 echo "pack-gpu-deps: $OUT_DIR/site.tar.xz is $((size / 1024 / 1024)) MiB (python $PYVER)"

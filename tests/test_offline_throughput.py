@@ -43,10 +43,17 @@ def test_help_lists_the_kv_flags() -> None:
 
 
 def test_a_bad_budget_exits_2_before_the_engine_starts() -> None:
+    """The model path does not exist: only a refusal before the engine starts can give exit 2 and this message."""
     done = _run(["--model-path", "unused", "--kv-policy", "madakv", "--kv-budget", "1.5"], timeout=300)
     assert done.returncode == 2
     assert "argument --kv-budget" in done.stderr
-    assert "Load weight" not in done.stderr  # refused before any model was read
+
+
+def test_a_setting_refused_at_resolution_exits_2_with_the_plugins_message() -> None:
+    done = _run(["--model-path", "unused", "--device", "cpu", "--kv-policy", "madakv", "--enable-mixed-chunk"],
+                timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: madakv: --enable-mixed-chunk is not supported" in done.stderr
 
 
 def test_madakv_compresses_every_request_of_the_benchmark(tmp_path: Path) -> None:

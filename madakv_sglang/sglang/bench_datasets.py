@@ -17,8 +17,8 @@ from typing import Any
 
 def allow_missing_datasets() -> None:
     """Install the stand-in as ``datasets`` unless the real package is importable."""
-    if importlib.util.find_spec("datasets") is not None or "datasets" in sys.modules:
-        return
+    if "datasets" in sys.modules or importlib.util.find_spec("datasets") is not None:
+        return  # the real package, or the stand-in of an earlier call (find_spec refuses a module without a spec)
     stub = types.ModuleType("datasets")
 
     def load_dataset(*args: Any, **kwargs: Any) -> Any:
