@@ -4,6 +4,8 @@
 #   scripts/gpu-run.sh tests      # pytest -m gpu over the kernel tests (Triton, FlashInfer, packing) vs torch
 #   scripts/gpu-run.sh kernels    # python benchmarks/kernels.py   -> $OUT/kernels.json
 #   scripts/gpu-run.sh latency    # python -m benchmarks.latency   -> $OUT/latency.json
+#   scripts/gpu-run.sh latency:llava-1.5-7b   # one model shape -> $OUT/latency-llava-1.5-7b.json (if one call
+#                                             # cannot hold both; names from benchmarks/latency.py SHAPES)
 #
 # The call must carry .gpu-deps (made here by scripts/pack-gpu-deps.sh: FlashInfer, its runtime, transformers
 # 5.19), e.g. the device tool's run with command "scripts/gpu-run.sh tests kernels" and carry [".gpu-deps"].
@@ -61,7 +63,11 @@ for step in "$@"; do
                    tests/test_kernels_flashinfer.py tests/test_kernels_layout.py ;;
         kernels) run_step kernels python3 benchmarks/kernels.py --out "$OUT/kernels.json" ;;
         latency) run_step latency python3 -m benchmarks.latency --out "$OUT/latency.json" ;;
-        *) echo "gpu-run: unknown step '$step' (tests, kernels, latency)" >&2; failed=$((failed + 1)) ;;
+        latency:*) shape="${step#latency:}"
+                   run_step "latency-$shape" python3 -m benchmarks.latency --shapes "$shape" \
+                       --out "$OUT/latency-$shape.json" ;;
+        *) echo "gpu-run: unknown step '$step' (tests, kernels, latency, latency:SHAPE)" >&2
+           failed=$((failed + 1)) ;;
     esac
 done
 exit "$failed"
