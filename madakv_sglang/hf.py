@@ -221,6 +221,8 @@ class CompressedLayer(DynamicLayer):
         self.counts = counts  # [R, H] int64
         self.padded = keys.shape[-2]  # P
         self.prompt_len = prompt_len  # n
+        # Decided once: every decode step of every layer asks, and the question costs a device sync.
+        self.unpadded = bool((counts == self.padded).all())
 
     def get_seq_length(self) -> int:
         assert self.keys is not None
@@ -233,7 +235,7 @@ class CompressedLayer(DynamicLayer):
         """
         assert self.keys is not None
         total = self.keys.shape[-2]  # S, the new tokens included
-        if query_len == 1 and bool((self.counts == self.padded).all()):
+        if query_len == 1 and self.unpadded:
             return None  # no padding: exactly the dense attention call
         cell = torch.arange(total, device=self.keys.device)
         kept = (cell >= self.padded) | (cell < self.counts[..., None])  # [R, H, S]
