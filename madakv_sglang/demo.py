@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Any
 
 from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.serving import Server, exit_on_sigterm
+from madakv_sglang.serving import Server
 
 MODEL_KIND = "qwen2_vl"
 MODEL_DIR_NAME = "tiny-qwen2-vl"  # the frontend's chat-template lookup matches "qwen2-vl" in the path too
@@ -400,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
     args = parser.parse_args(argv)
-    exit_on_sigterm()
     config = parse_config(parser, args)
     work_dir = args.work_dir or default_work_dir()
 
