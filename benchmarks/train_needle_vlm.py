@@ -43,7 +43,8 @@ import torch
 from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample, prompt_inputs, prompt_text
 from madakv_sglang import checkpoints
 from madakv_sglang.checkpoints import ENDOFTEXT, IM_END
-from madakv_sglang.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB
+from madakv_sglang import tiny_models
+from madakv_sglang.tiny_models import IMAGE_TOKEN, VOCAB
 
 if TYPE_CHECKING:
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
@@ -179,14 +180,7 @@ def build_model(seed: int) -> Qwen2VLForConditionalGeneration:
     """A freshly initialised model (transformers' own init, drawn after ``torch.manual_seed(seed)``)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    config = Qwen2VLConfig(
-        text_config=TEXT_CONFIG,
-        vision_config=VISION_CONFIG,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-    )
+    config = Qwen2VLConfig(text_config=TEXT_CONFIG, vision_config=VISION_CONFIG, **tiny_models.qwen_vl_ids())
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config).float()
@@ -194,7 +188,7 @@ def build_model(seed: int) -> Qwen2VLForConditionalGeneration:
 
 def build_processor() -> Qwen2VLProcessor:
     """The checkpoint's processor: ``checkpoints``' byte-level BPE tokenizer, image size limits and chat template."""
-    return checkpoints._build_processor("qwen2_vl", checkpoints._build_tokenizer())
+    return checkpoints.build_processor("qwen2_vl")
 
 
 def answer_ids(processor: Qwen2VLProcessor, answer: str) -> list[int]:
@@ -327,16 +321,9 @@ def evaluate(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, out_dir: Path) -> None:
+def save(model: Qwen2VLForConditionalGeneration, out_dir: Path) -> None:
     """Weights, config (with ``checkpoints``' patches for SGLang), generation config, tokenizer and processor."""
-    from transformers import GenerationConfig
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(eos_token_id=IM_END, pad_token_id=ENDOFTEXT)
-    model.save_pretrained(out_dir)
-    checkpoints._patch_config(out_dir)
-    processor.tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    checkpoints.save_model(model, out_dir, "qwen2_vl")
 
 
 def load(out_dir: Path) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
@@ -489,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {"train_config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
                    "machine": f"{platform.machine()} CPU, {args.threads} torch threads, torch {torch.__version__}"}
         metrics["run"] = train(model, processor, cfg)
-        save(model, processor, args.out)
+        save(model, args.out)
         model, processor = load(args.out)  # evaluate what was written, as a user will load it
     eval_started = time.monotonic()
     metrics["eval"] = evaluate(model, processor, samples)

@@ -213,11 +213,21 @@ def write_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     if is_current(out_dir, kind, seed):
         return out_dir
-    from transformers import GenerationConfig
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STAMP).unlink(missing_ok=True)
     model, _ = tiny_models.BUILDERS[kind](seed)
+    save_model(model, out_dir, kind)
+    (out_dir / STAMP).write_text(json.dumps(_stamp(kind, seed)) + "\n")
+    return out_dir
+
+
+def save_model(model: Any, out_dir: Path, kind: str) -> None:
+    """What SGLang needs to serve ``model`` (a ``kind`` architecture with this module's vocabulary): weights, the
+    config with the patches of :func:`_patch_config`, a chat generation config, the tokenizer and, for the VL
+    kinds, the processor. Used for the random builders here and for trained models (the needle benchmark's)."""
+    from transformers import GenerationConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Chat replies end at <|im_end|>. The builders' configs keep eos unset (HF's reference generate must not
     # stop early), and random weights rarely pick it anyway.
     model.generation_config = GenerationConfig(eos_token_id=IM_END, pad_token_id=ENDOFTEXT)
@@ -227,8 +237,13 @@ def write_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out_dir)
     if kind in VL_KINDS:
         _build_processor(kind, tokenizer).save_pretrained(out_dir)
-    (out_dir / STAMP).write_text(json.dumps(_stamp(kind, seed)) + "\n")
-    return out_dir
+
+
+def build_processor(kind: str) -> Any:
+    """The processor a ``kind`` checkpoint of this module ships (tokenizer, image limits, chat template)."""
+    if kind not in VL_KINDS:
+        raise ValueError(f"{kind!r} has no processor; expected one of {VL_KINDS}")
+    return _build_processor(kind, _build_tokenizer())
 
 
 def write_test_image(path: Path, size: tuple[int, int] = (224, 224), seed: int = 0) -> Path:

@@ -100,7 +100,8 @@ def _qwen_vl_prompt(
     }
 
 
-def _qwen_vl_ids() -> dict[str, Any]:
+def qwen_vl_ids() -> dict[str, Any]:
+    """The vision token ids of every Qwen VL config on this vocabulary (the trained needle model's too)."""
     return {
         "image_token_id": IMAGE_TOKEN,
         "video_token_id": VIDEO_TOKEN,
@@ -119,7 +120,7 @@ def qwen2_vl(seed: int = 0, image: bool = True) -> Built:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2}
-    config = Qwen2VLConfig(text_config=_mrope_text(), vision_config=vision, **_qwen_vl_ids())
+    config = Qwen2VLConfig(text_config=_mrope_text(), vision_config=vision, **qwen_vl_ids())
     config._attn_implementation = "sdpa"
     model = _finish(Qwen2VLForConditionalGeneration(config), seed)
     return model, _qwen_vl_prompt(seed, (1, 8, 8), merge=2, temporal_patch=2, patch=14, image=image)
@@ -140,7 +141,7 @@ def qwen2_5_vl(seed: int = 0, image: bool = True) -> Built:
         "window_size": 56,
         "fullatt_block_indexes": [1],
     }
-    config = Qwen2_5_VLConfig(text_config=_mrope_text(), vision_config=vision, **_qwen_vl_ids())
+    config = Qwen2_5_VLConfig(text_config=_mrope_text(), vision_config=vision, **qwen_vl_ids())
     config._attn_implementation = "sdpa"
     model = _finish(Qwen2_5_VLForConditionalGeneration(config), seed)
     return model, _qwen_vl_prompt(seed, (1, 8, 8), merge=2, temporal_patch=2, patch=14, image=image)
