@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,10 +75,11 @@ def policy_config(name: str, budget: float, window: int) -> PolicyConfig:
     return PolicyConfig(budget=str(budget), window=window, **fields)
 
 
-def run_hf(model: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
+def run_hf(model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str, Any], name: str, budget: float,
+           window: int) -> Run:
+    """``inputs``: the sample's ``prompt_inputs``, built once for every policy and budget."""
     from madakv_sglang import hf
 
-    inputs = prompt_inputs(processor, sample)
     cfg = policy_config(name, budget, window)
     result = hf.generate(model, inputs, cfg, MAX_NEW_TOKENS, eos_token_id=processor.tokenizer.eos_token_id)
     prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
@@ -98,9 +100,15 @@ def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, w
     return str(output["text"]), prompt_len, int(report[0].get("kept_slots", prompt_len))
 
 
-def run_engine(server: Any, processor: Any, sample: NeedleSample, name: str, budget: float, window: int) -> Run:
-    request = {"text": prompt_text(processor, sample),
-               "image_data": [png_data_url(image) for image in sample.images] or None}
+def engine_request(processor: Any, sample: NeedleSample) -> dict[str, Any]:
+    """The sample's ``/generate`` body without sampling parameters (the chat text and PNG data URLs)."""
+    return {"text": prompt_text(processor, sample),
+            "image_data": [png_data_url(image) for image in sample.images] or None}
+
+
+def run_engine(server: Any, sample: NeedleSample, request: dict[str, Any], name: str, budget: float,
+               window: int) -> Run:
+    """``request``: the sample's :func:`engine_request`, built once for every policy and budget."""
     prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, MAX_NEW_TOKENS)
     return Run("engine", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
                is_correct(prediction, sample.answer), prompt_len, kept)
@@ -224,17 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.path in ("hf", "both"):
         model = AutoModelForImageTextToText.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+        inputs = [prompt_inputs(processor, s) for s in samples]
         for name, budget in tqdm(grid, desc="HF path", file=sys.stderr):
-            runs += [run_hf(model, processor, s, name, budget, args.window) for s in samples]
+            runs += [run_hf(model, processor, s, x, name, budget, args.window) for s, x in zip(samples, inputs)]
     if args.path in ("engine", "both"):
         from madakv_sglang.serving import Server
 
         args.out.mkdir(parents=True, exist_ok=True)
         server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window)]
+        requests = [engine_request(processor, s) for s in samples]
         with Server(args.model, server_args, args.out / "server.log") as server:
             with ThreadPoolExecutor(args.concurrency) as pool:
                 for name, budget in tqdm([g for g in grid if g[0] not in HF_ONLY], desc="engine", file=sys.stderr):
-                    runs += pool.map(lambda s: run_engine(server, processor, s, name, budget, args.window), samples)
+                    runs += pool.map(lambda s, r: run_engine(server, s, r, name, budget, args.window),
+                                     samples, requests)
     summary = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
