@@ -266,11 +266,11 @@ def read_client_result(path: Path) -> dict[str, Any]:
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """Give every run ``ratios[metric] = value / full's value`` at the same prompt length in the same round
     (None if undefined)."""
-    full = {(run.get("round", 0), run["input_len"]): run for run in runs if run["policy"] == "full"}
+    full = {(run["round"], run["input_len"]): run for run in runs if run["policy"] == "full"}
     for run in runs:
-        base = full.get((run.get("round", 0), run["input_len"]))
+        base = full.get((run["round"], run["input_len"]))
         if base is None:
-            raise ValueError(f"no full run at input length {run['input_len']} in round {run.get('round', 0)} "
+            raise ValueError(f"no full run at input length {run['input_len']} in round {run['round']} "
                              f"to compare {run['config']} with")
         ratios: dict[str, float | None] = {}
         for key in (*CLIENT_METRICS, *SERVER_METRICS):
@@ -466,8 +466,8 @@ def _cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
     ratio = row["ratios"].get(key)
     if row["policy"] == "full" or ratio is None:
         return value
-    spread = row.get("ratio_range", {}).get(key)
-    if row.get("rounds", 1) > 1 and spread is not None:
+    spread = row["ratio_range"][key]
+    if row["rounds"] > 1 and spread is not None:
         return f"{value} ({ratio:.2f}x, {spread[0]:.2f}-{spread[1]:.2f})"
     return f"{value} ({ratio:.2f}x)"
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from madakv_sglang.serving import CPU_ENV, STRICT_ENV
+from madakv_sglang.serving import CPU_ARGS, CPU_ENV, STRICT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "madakv_sglang.sglang.offline_throughput"
-CPU_FLAGS = ["--device", "cpu", "--disable-overlap-schedule", "--mem-fraction-static", "0.3", "--dtype", "float32"]
 SENTENCES = (
     "Tell me a story about a robot who wants to learn how to paint flowers in the garden of an old castle.",
     "Once upon a time, there was a little girl who lived in a village by the sea with her grandmother.",
@@ -65,7 +64,7 @@ def test_madakv_compresses_every_request_of_the_benchmark(tmp_path: Path) -> Non
                                                       {"from": "gpt", "value": "Sure."}]} for i in range(24)]
     sharegpt.write_text(json.dumps(conversations))
     result = tmp_path / "result.jsonl"
-    done = _run(["--model-path", str(model), *CPU_FLAGS, "--kv-policy", "madakv", "--kv-budget", "0.2",
+    done = _run(["--model-path", str(model), *CPU_ARGS, "--kv-policy", "madakv", "--kv-budget", "0.2",
                  "--kv-window", "8", "--dataset-name", "random", "--dataset-path", str(sharegpt),
                  "--random-input-len", "200", "--random-range-ratio", "1.0", "--random-output-len", "8",
                  "--num-prompts", "8", "--result-filename", str(result)])
