@@ -51,6 +51,7 @@ POLICIES: dict[str, dict[str, Any]] = {
 }
 HF_ONLY = {"h2o"}
 BUDGETS = (0.05, 0.1, 0.2, 0.5)
+DEFAULT_SINK = PolicyConfig().sink
 MAX_NEW_TOKENS = 8  # answers are one or two words (mixed: "apple red"), a few tokens each in the byte-level BPE
 
 
@@ -68,11 +69,13 @@ class Run:
     kept_slots: int
 
 
-def policy_config(name: str, budget: float, window: int) -> PolicyConfig:
+def policy_config(name: str, budget: float, window: int, sink: int = DEFAULT_SINK) -> PolicyConfig:
+    """The sweep's settings for one policy name: the skip rule off (``min_prompt=0``), since the sweep measures
+    what eviction does to its prompts, short ones included."""
     fields = dict(POLICIES[name])
     if fields["policy"] == "full":
         return PolicyConfig(policy="full")
-    return PolicyConfig(budget=str(budget), window=window, **fields)
+    return PolicyConfig(budget=str(budget), window=window, sink=sink, min_prompt=0, **fields)
 
 
 def run_hf(model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str, Any], name: str, budget: float,
@@ -88,11 +91,12 @@ def run_hf(model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str
                is_correct(prediction, sample.answer), result.prompt_len, kept)
 
 
-def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, window: int, max_new_tokens: int
-               ) -> tuple[str, int, int]:
+def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, window: int, max_new_tokens: int,
+               sink: int = DEFAULT_SINK) -> tuple[str, int, int]:
     """POST ``request`` (``text``, ``image_data``, ...) to ``/generate`` greedily with the policy and budget in
     ``custom_params``; returns (prediction, prompt tokens, slots the request kept after compression)."""
-    custom = {f"kv_{key}": value for key, value in policy_config(name, budget, window).to_strings().items()}
+    config = policy_config(name, budget, window, sink)
+    custom = {f"kv_{key}": value for key, value in config.to_strings().items()}
     output = server.post("/generate", {**request, "sampling_params": {
         "temperature": 0, "max_new_tokens": max_new_tokens, "custom_params": custom}})
     prompt_len = int(output["meta_info"]["prompt_tokens"])

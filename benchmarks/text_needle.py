@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import POLICIES, Run, ask_engine, markdown_table, plot, summarize
+from benchmarks.accuracy import DEFAULT_SINK, POLICIES, Run, ask_engine, markdown_table, plot, summarize
 from benchmarks.needles import NeedleConfig, make_sample
 from madakv_sglang.serving import exit_on_sigterm
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", nargs="+", type=int, default=[40, 120], help="haystack lengths")
     parser.add_argument("--samples", type=int, default=8, help="prompts per length (depths spread evenly)")
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help="attention sinks of every scoring policy")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="requests in flight; SGLang batches them (each request's eviction is its own)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text_needle"))
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.concurrency) as pool:
             for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
                 replies = pool.map(lambda p: ask_engine(server, {"text": p[2]}, name, budget, args.window,
-                                                         MAX_NEW_TOKENS), prompts)
+                                                         MAX_NEW_TOKENS, args.sink), prompts)
                 for (sentences, seed, _, key), (prediction, prompt_len, kept) in zip(prompts, replies, strict=True):
                     runs.append(Run("engine", name, budget, f"passkey-{sentences}", seed, key, prediction,
                                     key in prediction, prompt_len, kept))

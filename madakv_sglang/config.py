@@ -106,8 +106,14 @@ class PolicyConfig:
         cap: per-layer cap as a multiple of H*B; bounds the slots a request holds (DESIGN §3).
         head_split: ``uniform`` (paper) or ``demand`` (proportional to per-head demand).
         mpa: modality preference adaptation on/off (ablation).
-        min_keep: per-head floor; defaults to ``window``; must be >= window.
-        sink: attention-sink tokens kept by ``streamingllm``.
+        min_keep: per-head floor, and a budget below it is raised to it; unset (the default), every head keeps
+            at least its sinks and kept window and the budget is never raised.
+        sink: S, the first prompt tokens every score-based policy keeps in every head (attention sinks), inside
+            the budget; also the sinks of ``streamingllm``. 0 turns them off.
+        window_share: the largest share of what the sinks leave of the budget that the kept window takes (below
+            S + W / window_share tokens the kept window shrinks, so the rest is chosen by score).
+        min_prompt: prompts shorter than this are not compressed (served as stock SGLang would).
+        min_reclaim: a prompt is not compressed when its budget would reclaim less than this share of it.
         seed: seed of the ``random`` policy.
         pyramid_beta: PyramidKV's ratio between the largest and the smallest layer budget's spread.
         adakv_alpha: AdaKV's safeguard, the share of B every head keeps before the cross-head top-k.
@@ -126,6 +132,9 @@ class PolicyConfig:
     mpa: bool = True
     min_keep: int | None = None
     sink: int = 4
+    window_share: float = 0.5
+    min_prompt: int = 256
+    min_reclaim: float = 0.1
     seed: int = 0
     pyramid_beta: int = 20
     adakv_alpha: float = 0.2
@@ -149,27 +158,31 @@ class PolicyConfig:
         if not (1.0 <= self.cap <= 64.0):
             raise ConfigError(f"cap: must be in [1, 64] (a multiple of H*B), got {self.cap}")
         _check_choice("head_split", self.head_split, HEAD_SPLITS)
-        if self.min_keep is not None and self.min_keep < self.window:
-            raise ConfigError(f"min_keep: must be >= window ({self.window}), got {self.min_keep}")
+        if self.min_keep is not None:
+            _check_int("min_keep", self.min_keep, lo=1)
         _check_int("sink", self.sink, lo=0)
+        if not (0.0 < self.window_share <= 1.0):
+            raise ConfigError(f"window_share: must be in (0, 1], got {self.window_share}")
+        _check_int("min_prompt", self.min_prompt, lo=0)
+        if not (0.0 <= self.min_reclaim < 1.0):
+            raise ConfigError(f"min_reclaim: must be in [0, 1), got {self.min_reclaim}")
         _check_int("pyramid_beta", self.pyramid_beta, lo=1)
         if not (0.0 <= self.adakv_alpha <= 1.0):
             raise ConfigError(f"adakv_alpha: must be in [0, 1], got {self.adakv_alpha}")
-        if self.budget.tokens is not None and self.budget.tokens < self.window:
-            raise ConfigError(
-                f"budget: {self.budget.tokens} tokens is smaller than the window ({self.window}); "
-                "the window is always kept, so the budget must cover it"
-            )
-
-    @property
-    def floor(self) -> int:
-        """Per-head floor (>= window)."""
-        return self.window if self.min_keep is None else self.min_keep
 
     @property
     def cap_fraction(self) -> Fraction:
         """The cap as an exact fraction, so caps are computed in integers (``floor(cap * H * B)``)."""
         return Fraction(str(self.cap))
+
+    @property
+    def window_share_fraction(self) -> Fraction:
+        return Fraction(str(self.window_share))
+
+    @property
+    def min_reclaim_fraction(self) -> Fraction:
+        """``min_reclaim`` as an exact fraction, so the skip rule is decided in integers."""
+        return Fraction(str(self.min_reclaim))
 
     def replace(self, **changes: Any) -> PolicyConfig:
         return dataclasses.replace(self, **changes)
@@ -233,6 +246,9 @@ _FIELD_PARSERS: dict[str, Any] = {
     "mpa": _parse_bool,
     "min_keep": int,
     "sink": int,
+    "window_share": float,
+    "min_prompt": int,
+    "min_reclaim": float,
     "seed": int,
     "pyramid_beta": int,
     "adakv_alpha": float,
@@ -255,8 +271,12 @@ _HELP = {
     "cap": "per-layer cap as a multiple of H*B",
     "head_split": "how a layer's cells are split over its heads",
     "mpa": "modality preference adaptation (on/off)",
-    "min_keep": "per-head floor (default: the window)",
-    "sink": "attention-sink tokens kept by streamingllm",
+    "min_keep": "per-head floor; a budget below it is raised to it (default: none, every head keeps its sinks "
+    "and kept window)",
+    "sink": "attention sinks: the first prompt tokens every score-based policy (and streamingllm) keeps",
+    "window_share": "largest share of the budget left after the sinks that the kept window takes",
+    "min_prompt": "prompts shorter than this many tokens are not compressed",
+    "min_reclaim": "prompts whose budget would reclaim less than this share of them are not compressed",
     "seed": "seed of the random policy",
     "pyramid_beta": "PyramidKV's beta",
     "adakv_alpha": "AdaKV's safeguard share of B",

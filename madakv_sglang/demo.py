@@ -48,6 +48,8 @@ RECLAIM_LINE = re.compile(
     r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) -> (?P<m>\d+) "
     r"\((?P<pct>[\d.]+)% reclaimed, waste (?P<waste>\d+) cells\)"
 )
+# Written for a prompt the skip rule serves uncompressed (--kv-min-prompt, --kv-min-reclaim).
+SKIP_LINE = re.compile(r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) kept whole \((?P<reason>[^:]+):")
 
 QUESTION_4 = "Compare these four pictures. Which colours come back in every one of them, and where?"
 QUESTION_2 = "Here are two more pictures. Describe the first one, then say how the second one differs."
@@ -92,6 +94,7 @@ class RequestResult:
     source: str  # "meta_info", "server log", or "uncompressed" (policy full: nothing is evicted)
     seconds: float
     answer: str
+    skipped: str | None = None  # why the prompt was kept whole ("short prompt", "small saving"), if it was
 
 
 # ---- set-up ----
@@ -132,13 +135,17 @@ def reported_summary(response: Any) -> dict[str, Any] | None:
     return entries if isinstance(entries, dict) else None
 
 
-def logged_summaries(log_text: str) -> dict[str, dict[str, int]]:
+def logged_summaries(log_text: str) -> dict[str, dict[str, Any]]:
     """Every ``madakv: request ...`` line of a server log, by request id."""
-    found = {}
+    found: dict[str, dict[str, Any]] = {}
     for match in RECLAIM_LINE.finditer(log_text):
         n, m = int(match["n"]), int(match["m"])
         found[match["rid"]] = {"prompt_slots": n, "kept_slots": m, "reclaimed_slots": n - m,
-                               "packing_waste_cells": int(match["waste"])}
+                               "packing_waste_cells": int(match["waste"]), "skipped": None}
+    for match in SKIP_LINE.finditer(log_text):
+        n = int(match["n"])
+        found[match["rid"]] = {"prompt_slots": n, "kept_slots": n, "reclaimed_slots": 0, "packing_waste_cells": 0,
+                               "skipped": match["reason"]}
     return found
 
 
@@ -150,11 +157,12 @@ class SlotAccounts:
         self.compressing = compressing
         self.log_wait = log_wait
 
-    def numbers(self, rid: str, prompt_tokens: int, response: Any = None) -> tuple[dict[str, int], str]:
+    def numbers(self, rid: str, prompt_tokens: int, response: Any = None) -> tuple[dict[str, Any], str]:
         summary = reported_summary(response)
         if summary is not None:
-            return {key: int(summary[key]) for key in
-                    ("prompt_slots", "kept_slots", "reclaimed_slots", "packing_waste_cells")}, "meta_info"
+            counts: dict[str, Any] = {key: int(summary[key]) for key in
+                                      ("prompt_slots", "kept_slots", "reclaimed_slots", "packing_waste_cells")}
+            return {**counts, "skipped": summary.get("skipped")}, "meta_info"
         if self.compressing:
             # The line is logged when the prefill's result is processed, before the response; the wait only
             # covers the log file catching up.
@@ -168,7 +176,7 @@ class SlotAccounts:
                 time.sleep(0.1)
             say(f"warning: no madakv line for request {rid} in the server log; counting it as uncompressed")
         full = {"prompt_slots": prompt_tokens, "kept_slots": prompt_tokens, "reclaimed_slots": 0,
-                "packing_waste_cells": 0}
+                "packing_waste_cells": 0, "skipped": None}
         return full, "uncompressed"
 
 
@@ -180,7 +188,7 @@ def _result(accounts: SlotAccounts, name: str, api: str, rid: str, images: int, 
         name=name, api=api, rid=rid, images=images, prompt_tokens=prompt_tokens, image_tokens=image_tokens,
         kv_slots_full=n, kv_slots_kept=m, reclaimed_slots=slots["reclaimed_slots"],
         reclaimed_fraction=round(1 - m / n, 4) if n else 0.0, packing_waste_cells=slots["packing_waste_cells"],
-        source=source, seconds=round(seconds, 3), answer=answer,
+        source=source, seconds=round(seconds, 3), answer=answer, skipped=slots["skipped"],
     )
 
 
@@ -317,8 +325,9 @@ def print_report(config: PolicyConfig, results: list[RequestResult], timings: di
     print(header)
     print("-" * (len(header) + 4))
     for r in results:
+        note = f" (kept whole: {r.skipped})" if r.skipped else ""
         print(f"{r.name:<25}{r.images:>7}{r.prompt_tokens:>15}{r.kv_slots_full:>19}{r.kv_slots_kept:>10}"
-              f"{100 * r.reclaimed_fraction:>10.1f}%  {r.source}")
+              f"{100 * r.reclaimed_fraction:>10.1f}%  {r.source}{note}")
     total = totals(results)
     print(f"{'total':<25}{sum(r.images for r in results):>7}{total['prompt_tokens']:>15}{total['kv_slots_full']:>19}"
           f"{total['kv_slots_kept']:>10}{100 * total['reclaimed_fraction']:>10.1f}%")
@@ -327,7 +336,8 @@ def print_report(config: PolicyConfig, results: list[RequestResult], timings: di
     else:
         print("\nn: the KV-pool slots a prompt holds without eviction (one per token). M: the slots it keeps once "
               f"{config.policy}'s cells, chosen per layer and head, are packed. The n - M others go back to "
-              "SGLang's allocator right after prefill.")
+              "SGLang's allocator right after prefill. A prompt shorter than --kv-min-prompt "
+              f"({config.min_prompt} tokens) is kept whole, as stock SGLang would serve it.")
     print(f"Time: set-up {timings['setup_s']:.1f} s, server start {timings['server_start_s']:.1f} s, requests "
           f"{timings['requests_s']:.1f} s, shutdown {timings['shutdown_s']:.1f} s; total {timings['total_s']:.1f} s.")
 

@@ -17,6 +17,7 @@ import torch
 from madakv_sglang.config import POLICY_FIELDS, ConfigError, PolicyConfig, add_policy_arguments, config_from_arguments
 from madakv_sglang.layout import packing_waste, slot_count
 from madakv_sglang.policies import PolicyInputs, get_policy
+from madakv_sglang.policies.base import SKIP_REASONS, budget_state
 
 
 def synthetic_scores(layers: int, heads: int, prompt: int, visual_frac: float, window: int, seed: int):
@@ -50,6 +51,8 @@ def run_plan(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor, tp: 
     slots = int(slot_count(counts, tp)[0])
     kept_visual = sel.kept_visual[0]
     budget = int(sel.budget[0])
+    inputs = PolicyInputs.for_request(scores, visual, cfg)
+    state = budget_state(inputs, cfg, sinks=cfg.policy != "random")
     return {
         "policy": cfg.policy,
         "config": cfg.to_strings(),
@@ -60,6 +63,9 @@ def run_plan(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor, tp: 
         "tp": tp,
         "budget_tokens": budget,
         "budget_raised_to_floor": bool(sel.raised[0]),
+        "skipped": SKIP_REASONS.get(int(sel.skipped[0])),
+        "kept_window": int(state.window[0]),
+        "sinks": int(state.sinks[0]),
         "budget_cells": layers * heads * budget,
         "total_kept": int(counts.sum()),
         "slots_kept": slots,
@@ -84,7 +90,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"policy {report['policy']}: n={n} tokens ({report['visual_tokens']} visual), "
         f"L={report['num_layers']} layers, H={report['num_heads']} KV heads, TP={report['tp']}",
         f"budget B={report['budget_tokens']} tokens per head per layer"
-        + (" (raised to the per-head floor)" if report["budget_raised_to_floor"] else ""),
+        + (" (raised to min_keep)" if report["budget_raised_to_floor"] else ""),
+        _protected_line(report),
         "",
         "layer  cells  kept per head (visual+text)",
     ]
@@ -101,6 +108,16 @@ def format_report(report: dict[str, Any]) -> str:
         f"packing waste {report['packing_waste']} cells",
     ]
     return "\n".join(lines)
+
+
+def _protected_line(report: dict[str, Any]) -> str:
+    config = report["config"]
+    if report["skipped"] == "short prompt":
+        return f"not compressed: short prompt (n={report['prompt_len']} < min_prompt {config['min_prompt']})"
+    if report["skipped"] == "small saving":
+        return f"not compressed: small saving (the budget reclaims less than min_reclaim {config['min_reclaim']})"
+    return (f"every head keeps {report['sinks']} sinks and the last {report['kept_window']} tokens "
+            f"(window {config['window']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,20 +101,27 @@ def spec_select(
     if head_offset != 0:
         raise ValueError("the spec always works on every head")
     n, L, H = prompt_len, len(scores), total_heads
-    W = min(cfg.window, n)
-    floor = min(cfg.min_keep if cfg.min_keep is not None else cfg.window, n)
     nominal = cfg.budget.tokens if cfg.budget.tokens is not None else math.ceil(cfg.budget.ratio * n)
-    B = min(max(nominal, floor), n)
+    B = min(max(nominal, cfg.min_keep or 1), n)
+    # Skip rule: a short prompt, or a budget that would reclaim less than min_reclaim of the prompt.
+    if n < cfg.min_prompt or Fraction(n - B) < Fraction(str(cfg.min_reclaim)) * n:
+        B = n
     if cfg.policy == "full" or B >= n:
         return [[list(range(n)) for _ in range(H)] for _ in range(L)]
 
-    window = list(range(n - W, n))
-    vis_rest = [i for i in range(n - W) if visual[i]]
-    txt_rest = [i for i in range(n - W) if not visual[i]]
+    # Protected tokens: the kept window shares the budget with the sinks until B covers S + 2W.
+    S = cfg.sink
+    W = min(cfg.window, max(1, math.floor(Fraction(str(cfg.window_share)) * (B - S))), B)
+    S = min(S, B - W)
+    floor = min(max(W + S, cfg.min_keep or 0), n)
+    protected = set(range(n - W, n)) | set(range(S))
+    window = sorted(protected)
+    vis_rest = [i for i in range(n) if visual[i] and i not in protected]
+    txt_rest = [i for i in range(n) if not visual[i] and i not in protected]
     segment = []
     run = 0
     for i in range(n):
-        if i >= n - W:
+        if i in protected:
             segment.append(-1)
         else:
             if i > 0 and visual[i] != visual[i - 1]:
@@ -137,7 +144,7 @@ def spec_select(
             mass_t[l][h] = sum(psi[i] for i in txt_rest)
             k_v = _coverage([psi[i] for i in vis_rest], cfg.theta)
             k_t = _coverage([psi[i] for i in txt_rest], cfg.theta)
-            demand[l][h] = W + k_v + k_t
+            demand[l][h] = W + S + k_v + k_t
 
     cap = Fraction(str(cfg.cap))
     if hcc == "off" and policy != "pyramidkv":
@@ -167,9 +174,9 @@ def spec_select(
             guaranteed = min(max(math.floor(cfg.adakv_alpha * B), floor), B)
             pool = []
             for h in range(H):
-                ordered = sorted(range(n - W), key=lambda i: (-rank_per_head[h][i], -i))
+                ordered = sorted(vis_rest + txt_rest, key=lambda i: (-rank_per_head[h][i], -i))
                 for idx, i in enumerate(ordered):
-                    if idx >= guaranteed - W:
+                    if idx >= guaranteed - W - S:
                         pool.append((-rank_per_head[h][i], h, idx))
             pool.sort()
             head_budget = [guaranteed] * H
@@ -183,10 +190,9 @@ def spec_select(
         layer_kept = []
         for h in range(H):
             rank = rank_per_head[h]
-            rest = head_budget[h] - W
+            rest = head_budget[h] - W - S
             if policy == "streamingllm":
-                order = sorted(range(n - W), key=lambda i: (i < cfg.sink, i), reverse=True)
-                chosen = order[:rest]
+                chosen = sorted(vis_rest + txt_rest, reverse=True)[:rest]
             elif policy == "lookm":
                 b_t = min(rest, len(txt_rest))
                 chosen = _top(txt_rest, rank, b_t) + _top(vis_rest, rank, rest - b_t)

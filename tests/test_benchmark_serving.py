@@ -15,6 +15,7 @@ import pytest
 from benchmarks import serving
 from benchmarks.serving import CLIENT_METRICS, SERVER_METRICS, LogStats, PolicySpec, parse_server_log
 from madakv_sglang.config import ConfigError
+from tests.sglang_server import NO_FLOOR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,8 +173,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], st
     command = [sys.executable, "-m", "benchmarks.serving", "--model", str(model), "--policies", "full", "madakv:0.2",
                "--input-lens", "64", "--num-prompts", "8", "--image-count", "1", "--output-len", "4", "--repeats", "2",
                "--max-total-tokens", str(POOL), "--out", str(out / "serving.json"), "--log-dir", str(out / "logs")]
+    # ~150-token prompts: the benchmark's servers inherit the test servers' floor-off default (NO_FLOOR_ENV).
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_FLOOR_ENV})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "serving.json").read_text()), done.stdout, out
 

@@ -29,7 +29,7 @@ def _request(row: int, n: int, seed: int, policy: str = "madakv", budget: str = 
     gen = torch.Generator().manual_seed(seed)
     visual = torch.zeros(n, dtype=torch.bool)
     visual[n // 4 : n // 2] = True
-    config = PolicyConfig.from_strings({"policy": policy, "budget": budget, "window": "4"})
+    config = PolicyConfig.from_strings({"policy": policy, "budget": budget, "window": "4", "min_prompt": "0"})
     scores = torch.rand(LAYERS, HEADS, n, generator=gen) ** 4
     return Finishing(row=row, prompt_len=n, visual=visual, config=config, scores=scores)
 

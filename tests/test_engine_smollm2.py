@@ -1,7 +1,13 @@
 """MadaKV serving real weights on CPU: SmolLM2-135M-Instruct (``make setup-smollm2``), fp32, strict memory checks
-and NaN poisoning on. A chat prompt of a few hundred tokens (facts, then a question about them): with the budget
-overridden to the whole prompt the server answers exactly as stock SGLang; at the server's budget of 0.2 it
-reclaims 80% of the prompt's slots and still answers with finite log-probabilities.
+and NaN poisoning on, the server at its default settings (``--kv-policy madakv`` and nothing else).
+
+- A chat prompt of a few hundred tokens (facts, then a question about them): with the budget overridden to the
+  whole prompt the server answers exactly as stock SGLang; at the default budget of 0.2 it reclaims 80% of the
+  prompt's slots and still answers with finite log-probabilities.
+- Short factual chats (``benchmarks.short_prompts``) that stock SGLang answers right: madakv, snapkv and adakv
+  answer them token for token as stock does, because the default ``--kv-min-prompt`` keeps them whole, and say
+  so in ``meta_info`` and the metrics.
+- Above the floor, the HF path keeps the very cells the engine kept (sinks included).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.short_prompts import QUESTIONS, answered, prompt_ids
+from madakv_sglang.config import PolicyConfig
 from tests.mm_inputs import reclaim_lines
 from tests.sglang_server import Server
 
@@ -66,9 +74,15 @@ def stock(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def madakv(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def dump_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dumps")
+
+
+@pytest.fixture(scope="module")
+def madakv(model_dir: Path, dump_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "madakv.log"
-    with Server(model_dir, [*BASE_ARGS, "--kv-policy", "madakv", "--kv-budget", "0.2"], log) as server:
+    with Server(model_dir, [*BASE_ARGS, "--kv-policy", "madakv", "--enable-metrics"], log,
+                env={"MADAKV_DEBUG_DUMP_DIR": str(dump_dir)}, short_prompt_floor=True) as server:
         yield server
 
 
@@ -96,6 +110,9 @@ def test_full_budget_override_answers_like_stock(madakv: Server, stock_answer: d
     # Same kernels on both sides for the prompt; decode runs the base backend too when nothing was evicted.
     assert _logprobs(got) == pytest.approx(_logprobs(stock_answer), abs=1e-4)
     assert "full-budget" not in reclaim_lines(madakv.log())
+    assert got["meta_info"]["madakv"] == [{"prompt_slots": len(prompt), "kept_slots": len(prompt),
+                                            "reclaimed_slots": 0, "packing_waste_cells": 0, "compress_ms": 0.0,
+                                            "skipped": "small saving"}]
 
 
 def test_budget_02_reclaims_and_answers(madakv: Server, stock_answer: dict[str, Any], prompt: list[int]) -> None:
@@ -108,3 +125,55 @@ def test_budget_02_reclaims_and_answers(madakv: Server, stock_answer: dict[str, 
     # Not asserted (a 135M model at 20% of its cache may rephrase): shown with `pytest -s` for the record.
     print(f"\nSmolLM2 n={prompt_slots} -> M={kept_slots}\n  full: {stock_answer['text']!r}\n  0.2:  {got['text']!r}"
           f"\n  same tokens: {got['output_ids'] == stock_answer['output_ids']}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_short_chats_are_answered_exactly_as_stock(madakv: Server, stock: Server, tokenizer: Any) -> None:
+    assert len(QUESTIONS) >= 20
+    default = PolicyConfig()
+    for index, question in enumerate(QUESTIONS):
+        ids = prompt_ids(tokenizer, question, 0)
+        assert len(ids) < default.min_prompt, (question, len(ids))
+        reference = _generate(stock, ids, f"short-stock-{index}")
+        assert answered(reference["text"], question), (question, reference["text"])
+        for policy in ("madakv", "snapkv", "adakv"):
+            got = _generate(madakv, ids, f"short-{policy}-{index}", custom={"kv_policy": policy})
+            assert got["output_ids"] == reference["output_ids"], (policy, question, got["text"])
+            assert got["meta_info"]["madakv"][0]["skipped"] == "short prompt"
+            assert got["meta_info"]["madakv"][0]["kept_slots"] == len(ids)
+    log = madakv.log()
+    assert "prompt slots" in log and "kept whole (short prompt: " in log
+    assert not any(rid.startswith("short-") for rid in reclaim_lines(log)), "a short chat was compressed"
+    metrics = madakv.get("/metrics")
+    skipped = [line for line in metrics.splitlines()
+               if line.startswith("madakv_skipped_requests_total") and 'reason="short prompt"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in skipped) >= 3 * len(QUESTIONS), skipped
+
+
+def test_hf_path_keeps_the_cells_the_engine_kept(madakv: Server, model_dir: Path, tokenizer: Any,
+                                                 dump_dir: Path) -> None:
+    """Above the floor (4 context paragraphs, ~600 tokens) at the defaults: budget 0.2, 4 sinks, window 32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from madakv_sglang import hf
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for index, question in enumerate(QUESTIONS[:3]):
+        ids = prompt_ids(tokenizer, question, 4)
+        rid = f"hf-agree-{index}"
+        got = _generate(madakv, ids, rid)
+        assert got["meta_info"]["madakv"][0]["skipped"] is None
+        engine = torch.load(dump_dir / f"{rid}.pt", weights_only=True)
+        config = PolicyConfig()
+        inputs = {"input_ids": torch.tensor([ids])}
+        selection = hf.select_tokens(hf.prefill(model, inputs, config), config)
+        keep = selection.keep[0]
+        assert keep[..., :config.sink].all(), "every head keeps the sinks"
+        assert torch.equal(keep, engine["keep"]), (rid, int((keep != engine["keep"]).sum()))

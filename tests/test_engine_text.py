@@ -117,7 +117,8 @@ def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(checkpoint: 
     from madakv_sglang import hf
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    config = PolicyConfig.from_strings({"policy": "madakv", "budget": "0.2", "window": str(WINDOW)})
+    config = PolicyConfig.from_strings({"policy": "madakv", "budget": "0.2", "window": str(WINDOW),
+                                        "min_prompt": "0"})
     log_before = set(_reclaim_lines(madakv.log()))
     for index, ids in enumerate(_prompts(LENGTHS, seed=2)):
         rid = f"hf-agree-{index}"
@@ -138,7 +139,7 @@ def test_request_holds_exactly_the_slots_plan_reports(madakv: Server, dump_dir: 
     torch.save({"scores": record["scores"], "visual": record["visual"]}, scores)
     plan = subprocess.run(
         [sys.executable, "-m", "madakv_sglang.plan", "--scores", str(scores), "--policy", "madakv",
-         "--budget", "0.2", "--window", str(WINDOW), "--json"],
+         "--budget", "0.2", "--window", str(WINDOW), "--min-prompt", "0", "--json"],
         capture_output=True, text=True, check=True,
     )
     report = json.loads(plan.stdout)

@@ -37,7 +37,7 @@ CHUNK = 48
 LENGTHS = (100, 57, 197, 31, 140)  # 197: four chunks and a last one shorter than the window
 MAX_NEW = 8
 LAYERS = 3  # tiny_models.qwen2
-POLICY = PolicyConfig(policy="madakv", budget="0.2", window=WINDOW)
+POLICY = PolicyConfig(policy="madakv", budget="0.2", window=WINDOW, min_prompt=0)
 MADAKV_ARGS = ["--kv-policy", "madakv", "--kv-budget", "0.2", "--kv-window", str(WINDOW)]
 TEXT_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--chunked-prefill-size", str(CHUNK), *MADAKV_ARGS]
 # Logprobs of the same greedy tokens: the TP ranks sum partial matmuls in another order (float32 rounding,

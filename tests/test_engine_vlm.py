@@ -177,7 +177,8 @@ def test_video_frames_are_visual(models: dict[str, Path], processors: dict[str, 
     dump = tmp_path / "dump"
     dump.mkdir()
     spec = {
-        "model": str(models["qwen2_vl"]), "policy": {"policy": "madakv", "budget": BUDGET, "window": str(WINDOW)},
+        "model": str(models["qwen2_vl"]),
+        "policy": {"policy": "madakv", "budget": BUDGET, "window": str(WINDOW), "min_prompt": "0"},
         "text": render(processor, chat), "images": [str(images["wide"])], "videos": [[str(f) for f in frames]],
         "rid": "video-1", "max_new_tokens": 4, "max_total_tokens": 4096,
     }
@@ -234,7 +235,8 @@ def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(
 
     server: Server = request.getfixturevalue("madakv" if kind == "qwen2_vl" else "madakv_25")
     model = AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32).eval()
-    config = PolicyConfig.from_strings({"policy": "madakv", "budget": BUDGET, "window": str(WINDOW)})
+    config = PolicyConfig.from_strings({"policy": "madakv", "budget": BUDGET, "window": str(WINDOW),
+                                        "min_prompt": "0"})
     processor = processors[kind]
     spread = []
     for name, chat in {"1img": _one_image(images), "3img": _three_images(images)}.items():

@@ -61,7 +61,7 @@ def test_full_budget_reproduces_dense_logits(name: str, budget: str, policy: str
     model, inputs = build(name)
     n = prompt_len(inputs)
     chosen = Budget(tokens=n + 10) if budget == "n+10" else Budget.parse(1.0)
-    res = hf.generate(model, inputs, PolicyConfig(policy=policy, budget=chosen, window=WINDOW), STEPS)
+    res = hf.generate(model, inputs, PolicyConfig(policy=policy, budget=chosen, window=WINDOW, min_prompt=0), STEPS)
 
     tokens, logits = hf_greedy(model, inputs, STEPS)
     assert bool(res.selection.keep.all())
@@ -142,7 +142,8 @@ HEADWISE = {
 @pytest.mark.parametrize("setting", sorted(HEADWISE))
 def test_compressed_decode_matches_masked_dense(name: str, setting: str) -> None:
     model, inputs = build(name)
-    res = hf.generate(model, inputs, PolicyConfig(budget=0.2, window=WINDOW, **HEADWISE[setting]), STEPS)
+    cfg = PolicyConfig(budget=0.2, window=WINDOW, min_prompt=0, **HEADWISE[setting])
+    res = hf.generate(model, inputs, cfg, STEPS)
     assert not bool(res.selection.keep.all()), "the budget must evict something for this test to mean anything"
 
     reference = masked_dense_logits(model, inputs, res.selection, res.tokens)
@@ -160,7 +161,7 @@ def test_compressed_decode_matches_masked_dense(name: str, setting: str) -> None
 @pytest.mark.parametrize("policy", ["madakv", "adakv"])
 def test_cache_shrinks_to_padded_storage(name: str, policy: str) -> None:
     model, inputs = build(name)
-    cfg = PolicyConfig(policy=policy, budget=0.2, window=WINDOW)
+    cfg = PolicyConfig(policy=policy, budget=0.2, window=WINDOW, min_prompt=0)
     n = prompt_len(inputs)
     pre = hf.prefill(model, inputs, cfg)
     selection = hf.select_tokens(pre, cfg)
@@ -234,7 +235,7 @@ def test_kept_sets_match_spec(name: str, setting: str) -> None:
         "madakv-paper": {"policy": "madakv", "hcc": "paper"},
         "madakv-no-mpa": {"policy": "madakv", "mpa": False},
     }.get(setting, {"policy": setting})
-    cfg = PolicyConfig(budget=0.2, window=WINDOW, **extra)
+    cfg = PolicyConfig(budget=0.2, window=WINDOW, min_prompt=0, **extra)
     model, inputs = build(name)
     selection = hf.select_tokens(hf.prefill(model, inputs, cfg), cfg)
 
@@ -252,7 +253,7 @@ def test_kept_sets_match_spec(name: str, setting: str) -> None:
 def test_text_only_request_on_a_vlm(name: str) -> None:
     model, image_inputs = build(name)
     _, text_inputs = hf_models.BUILDERS[name](image=False)
-    cfg = PolicyConfig(budget=0.2, window=WINDOW)
+    cfg = PolicyConfig(budget=0.2, window=WINDOW, min_prompt=0)
     fresh = hf.generate(model, text_inputs, cfg, STEPS)
     assert not bool(fresh.selection.keep.all())
     assert not bool(hf.visual_mask(model, text_inputs["input_ids"]).any())
@@ -271,7 +272,7 @@ def test_text_only_request_on_a_vlm(name: str) -> None:
 
 def test_generation_stops_at_eos() -> None:
     model, inputs = build("llama")
-    cfg = PolicyConfig(budget=0.2, window=WINDOW)
+    cfg = PolicyConfig(budget=0.2, window=WINDOW, min_prompt=0)
     tokens = hf.generate(model, inputs, cfg, STEPS).tokens
     stopped = hf.generate(model, inputs, cfg, STEPS, eos_token_id=tokens[2])
     assert stopped.tokens == tokens[: tokens.index(tokens[2]) + 1]
@@ -280,7 +281,7 @@ def test_generation_stops_at_eos() -> None:
 def test_prefill_scores_a_batch_of_equal_length_prompts() -> None:
     model, first = build("qwen2")
     _, second = hf_models.qwen2(seed=5)
-    cfg = PolicyConfig(budget=0.2, window=WINDOW)
+    cfg = PolicyConfig(budget=0.2, window=WINDOW, min_prompt=0)
     batch = {"input_ids": torch.cat([first["input_ids"], second["input_ids"]])}
     together = hf.prefill(model, batch, cfg)
     selection = hf.select_tokens(together, cfg)
@@ -296,7 +297,7 @@ def test_prefill_scores_a_batch_of_equal_length_prompts() -> None:
 
 def test_rejects_what_it_does_not_support() -> None:
     model, inputs = build("llama")
-    cfg = PolicyConfig(budget=0.2, window=WINDOW)
+    cfg = PolicyConfig(budget=0.2, window=WINDOW, min_prompt=0)
     padded = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
     padded["attention_mask"][0, 0] = 0
     with pytest.raises(ValueError, match="padded"):

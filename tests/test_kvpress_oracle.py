@@ -14,7 +14,8 @@ adakv_press.py, utils.py):
   sum: a factor W shared by every head and position, which changes no ranking, not even AdaKV's cross-head one.
 * GQA: mean over the query heads of a KV group (``gqa="mean"``).
 * Window kept: kvpress pads the window's scores with ``max(scores) + 1`` so it wins every top-k; we keep it
-  unconditionally. The same whenever B >= W (PolicyConfig rejects smaller token budgets).
+  unconditionally. The same whenever B >= W, with ``window_share=1`` (the kept window may take the whole budget
+  our sinks leave) and no sinks (``sink=0``); our defaults shrink the window below S + 2W and keep 4 sinks.
 * ``compression_ratio`` r -> ``budget`` B = ``max(1, int(n * (1 - r)))`` tokens, the floor of the kept
   fraction. Our ratio budgets take ``ceil(ratio * n)``, so the cases give B in tokens
   (test_budget_mapping pins the one-token difference).
@@ -115,6 +116,11 @@ def _config(case: dict, n_kept: int, pooling: str) -> PolicyConfig:
         pool_kernel=case["kernel_size"],
         gqa="mean",
         adakv_alpha=case.get("alpha_safeguard", 0.2),
+        # kvpress keeps no sinks, keeps its whole window whenever B >= W, and has no skip rule.
+        sink=0,
+        window_share=1.0,
+        min_prompt=0,
+        min_reclaim=0.0,
     )
 
 

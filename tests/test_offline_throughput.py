@@ -65,7 +65,7 @@ def test_madakv_compresses_every_request_of_the_benchmark(tmp_path: Path) -> Non
     sharegpt.write_text(json.dumps(conversations))
     result = tmp_path / "result.jsonl"
     done = _run(["--model-path", str(model), *CPU_ARGS, "--kv-policy", "madakv", "--kv-budget", "0.2",
-                 "--kv-window", "8", "--dataset-name", "random", "--dataset-path", str(sharegpt),
+                 "--kv-window", "8", "--kv-min-prompt", "0", "--dataset-name", "random", "--dataset-path", str(sharegpt),
                  "--random-input-len", "200", "--random-range-ratio", "1.0", "--random-output-len", "8",
                  "--num-prompts", "8", "--result-filename", str(result)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

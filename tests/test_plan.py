@@ -45,7 +45,8 @@ def test_madakv_moves_budget_to_the_visual_heads(tmp_path, capsys):
     psi[:, 1, 140 : n - W] += 0.2
     path = tmp_path / "scores.pt"
     torch.save({"scores": psi, "visual": visual}, path)
-    report = plan_json(capsys, "--scores", str(path), "--budget", "0.2", "--window", str(W), "--hcc", "off")
+    report = plan_json(capsys, "--scores", str(path), "--budget", "0.2", "--window", str(W), "--hcc", "off",
+                       "--sink", "0", "--min-prompt", "0")
     for row in report["layers"]:
         assert row["kept_visual"][0] > 0.8 * (row["kept"][0] - W), "visual-preferring head keeps mostly visual"
         assert row["kept_text"][1] > 0.8 * (row["kept"][1] - W), "text-preferring head keeps mostly text"
@@ -61,6 +62,18 @@ def test_bad_values_exit_2_with_a_message():
 
 @pytest.mark.parametrize("policy", ["full", "snapkv", "streamingllm", "random"])
 def test_text_report_runs_for_every_policy(capsys, policy):
-    assert main(["--layers", "3", "--heads", "2", "--prompt", "120", "--policy", policy, "--budget", "0.2"]) == 0
+    assert main(["--layers", "3", "--heads", "2", "--prompt", "300", "--policy", policy, "--budget", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "slots held M=" in out
+
+
+def test_report_says_why_a_prompt_is_not_compressed(capsys):
+    short = plan_json(capsys, "--prompt", "120", "--layers", "2")
+    assert short["skipped"] == "short prompt" and short["slots_kept"] == 120
+    small = plan_json(capsys, "--prompt", "300", "--layers", "2", "--budget", "280")
+    assert small["skipped"] == "small saving" and small["slots_reclaimed"] == 0
+    assert main(["--prompt", "120", "--layers", "2"]) == 0
+    assert "not compressed: short prompt (n=120 < min_prompt 256)" in capsys.readouterr().out
+    # Above the floor, at 10% of 400 tokens: B = 40 < S + 2W = 68, so the window shrinks to (40 - 4) // 2 = 18.
+    kept = plan_json(capsys, "--prompt", "400", "--layers", "2", "--budget", "0.1")
+    assert (kept["skipped"], kept["sinks"], kept["kept_window"]) == (None, 4, 18)

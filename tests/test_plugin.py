@@ -453,12 +453,14 @@ def test_metrics_series_in_a_registry() -> None:
     series = metrics.CompressionMetrics({"model_name": "m", "tp_rank": "0"}, registry=registry)
     series.record(100, 30, 12, 0.02, "madakv")
     series.record(50, 50, 0, 0.001, "madakv")
+    series.record_skip("short prompt", "madakv")
     text = generate_latest(registry).decode()
     labels = 'model_name="m",policy="madakv",tp_rank="0"'
     for line in (f"madakv_compressed_requests_total{{{labels}}} 2.0", f"madakv_prompt_slots_total{{{labels}}} 150.0",
                  f"madakv_reclaimed_slots_total{{{labels}}} 70.0", f"madakv_packing_waste_cells_total{{{labels}}} 12.0",
                  f"madakv_compression_seconds_count{{{labels}}} 2.0",
-                 f'madakv_compression_seconds_bucket{{le="0.001",{labels}}} 1.0'):
+                 f'madakv_compression_seconds_bucket{{le="0.001",{labels}}} 1.0',
+                 'madakv_skipped_requests_total{model_name="m",policy="madakv",reason="short prompt",tp_rank="0"} 1.0'):
         assert line in text, text
 
 

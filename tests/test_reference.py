@@ -94,7 +94,7 @@ def test_merge_attention_equals_attention_over_union():
 def test_compress_dense_then_decode_equals_masked_dense():
     gen = torch.Generator().manual_seed(11)
     layers, heads, group, n, dim = 3, 2, 2, 50, 16
-    cfg = PolicyConfig(policy="madakv", budget="0.3", window=4)
+    cfg = PolicyConfig(policy="madakv", budget="0.3", window=4, min_prompt=0)
     keys = [torch.randn(n, heads, dim, generator=gen, dtype=torch.float64) for _ in range(layers)]
     values = [torch.randn(n, heads, dim, generator=gen, dtype=torch.float64) for _ in range(layers)]
     q_win = [torch.randn(4, heads * group, dim, generator=gen, dtype=torch.float64) for _ in range(layers)]

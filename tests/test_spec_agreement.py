@@ -61,15 +61,20 @@ def run_package(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor) -
     theta=st.sampled_from([0.5, 0.9, 1.0]),
     cap=st.sampled_from([1.0, 1.25, 2.0]),
     ties=st.booleans(),
+    sink=st.sampled_from([0, 1, 4]),
+    min_prompt=st.sampled_from([0, 0, 30]),
+    min_reclaim=st.sampled_from([0.0, 0.1, 0.5]),
+    min_keep=st.sampled_from([None, None, 3, 10]),
+    window_share=st.sampled_from([0.5, 0.5, 0.3, 1.0]),
 )
 def test_vectorized_policy_equals_spec(
-    seed, L, H, n, visual_frac, policy, budget, window, hcc, head_split, mpa, pooling, kernel, theta, cap, ties
+    seed, L, H, n, visual_frac, policy, budget, window, hcc, head_split, mpa, pooling, kernel, theta, cap, ties,
+    sink, min_prompt, min_reclaim, min_keep, window_share,
 ):
-    if budget.isdigit() and int(budget) < window:
-        budget = str(window)
     cfg = PolicyConfig(
         policy=policy, budget=budget, window=window, hcc=hcc, head_split=head_split, mpa=mpa,
-        pooling=pooling, pool_kernel=kernel, theta=theta, cap=cap,
+        pooling=pooling, pool_kernel=kernel, theta=theta, cap=cap, sink=sink, min_prompt=min_prompt,
+        min_reclaim=min_reclaim, min_keep=min_keep, window_share=window_share,
     )
     scores, visual = random_request(seed, L, H, n, visual_frac, ties)
     expected = spec_select(scores.tolist(), visual.tolist(), n, cfg, H)

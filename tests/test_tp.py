@@ -26,16 +26,16 @@ from madakv_sglang.sglang.tp import HeadShard, PolicyMismatchError, TensorParall
 from tests.test_spec_agreement import random_request
 
 LAYERS = 3
-LENGTHS = [40, 73, 9]  # the last prompt is shorter than the window: kept whole
+LENGTHS = [40, 73, 9]  # the last budget (2) is below S + 2W: its kept window shrinks to 1, its sinks to 1
 CONFIGS = [
-    PolicyConfig(policy="madakv", budget="0.2", window=4),
-    PolicyConfig(policy="madakv", budget="0.3", window=4, hcc="paper", gqa="max"),
-    PolicyConfig(policy="madakv", budget="0.2", window=4, head_split="demand", pooling="none"),
-    PolicyConfig(policy="madakv", budget="12", window=4, hcc="off", mpa=False),
-    PolicyConfig(policy="adakv", budget="0.2", window=4),
-    PolicyConfig(policy="snapkv", budget="0.25", window=4),
-    PolicyConfig(policy="pyramidkv", budget="0.25", window=4),
-    PolicyConfig(policy="streamingllm", budget="0.25", window=4),
+    PolicyConfig(policy="madakv", budget="0.2", window=4, min_prompt=0),
+    PolicyConfig(policy="madakv", budget="0.3", window=4, min_prompt=0, hcc="paper", gqa="max"),
+    PolicyConfig(policy="madakv", budget="0.2", window=4, min_prompt=0, head_split="demand", pooling="none"),
+    PolicyConfig(policy="madakv", budget="12", window=4, min_prompt=0, hcc="off", mpa=False),
+    PolicyConfig(policy="adakv", budget="0.2", window=4, min_prompt=0),
+    PolicyConfig(policy="snapkv", budget="0.25", window=4, min_prompt=0),
+    PolicyConfig(policy="pyramidkv", budget="0.25", window=4, min_prompt=0),
+    PolicyConfig(policy="streamingllm", budget="0.25", window=4, min_prompt=0),
 ]
 # (KV heads, query heads per KV head) per TP size: even splits and replicated heads (fewer KV heads than ranks).
 SHAPES = {2: [(2, 2), (4, 1), (1, 4)], 4: [(2, 2), (1, 4), (8, 1)]}

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 ScoreSource = Literal["window", "accumulated", "none"]
 
 # Segment ids for pooling: scores pool only within runs of the same id.
-_SEG_PAD, _SEG_WINDOW = -1, 0
+_SEG_PAD, _SEG_PROTECTED = -1, 0
 
 
 class Comm(Protocol):
@@ -124,9 +124,10 @@ class Selection:
         all_head_counts: ``[R, L, H]`` int64 kept per head for *every* rank's heads (what the slot count
             needs; derived locally for uniform splits, gathered otherwise).
         layer_totals: ``[R, L]`` int64 cells per layer over all heads.
-        budget: ``[R]`` int64 effective B (floor applied, at most n).
-        raised: ``[R]`` bool, the nominal budget was below the per-head floor and was raised to it.
-        kept_visual: ``[R, L, H_r]`` int64 kept visual positions per local head (window included).
+        budget: ``[R]`` int64 effective B (``min_keep`` applied, at most n; n when skipped).
+        raised: ``[R]`` bool, the nominal budget was below ``min_keep`` and was raised to it.
+        skipped: ``[R]`` int64, why a request keeps its whole prompt (``SKIP_REASONS``), 0 when compressed.
+        kept_visual: ``[R, L, H_r]`` int64 kept visual positions per local head (protected ones included).
     """
 
     keep: Tensor
@@ -135,6 +136,7 @@ class Selection:
     layer_totals: Tensor
     budget: Tensor
     raised: Tensor
+    skipped: Tensor
     kept_visual: Tensor
 
 
@@ -147,66 +149,121 @@ class Policy(Protocol):
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection: ...
 
 
+# Why a request is served uncompressed (``Selection.skipped``); 0 means it was compressed.
+NOT_SKIPPED, SKIP_SHORT_PROMPT, SKIP_SMALL_SAVING = 0, 1, 2
+SKIP_REASONS = {SKIP_SHORT_PROMPT: "short prompt", SKIP_SMALL_SAVING: "small saving"}
+
+
+def raised_budget(prompt_len: Tensor, nominal_budget: Tensor, cfg: PolicyConfig) -> Tensor:
+    """B before the skip rule: the nominal budget raised to ``min_keep`` (when set), at most n."""
+    return torch.minimum(torch.clamp(nominal_budget.long(), min=cfg.min_keep or 1), prompt_len.long())
+
+
+def skip_codes(prompt_len: Tensor, nominal_budget: Tensor, cfg: PolicyConfig) -> Tensor:
+    """Which requests are served uncompressed, and why: ``[R]`` int64 codes (``SKIP_REASONS``).
+
+    A prompt shorter than ``min_prompt`` is a short prompt; one whose budget B (after ``min_keep``, at most n)
+    would reclaim fewer than ``min_reclaim * n`` slots is a small saving. Exact integer arithmetic, so every
+    path (engine, HF, plan) and every TP rank decides the same.
+    """
+    n = prompt_len.long()
+    budget = raised_budget(n, nominal_budget, cfg)
+    share = cfg.min_reclaim_fraction
+    small = (n - budget) * share.denominator < share.numerator * n
+    short = n < cfg.min_prompt
+    codes = torch.where(small, SKIP_SMALL_SAVING, NOT_SKIPPED)
+    return torch.where(short, SKIP_SHORT_PROMPT, codes)
+
+
 @dataclass
 class BudgetState:
-    """Per-request quantities every budgeted policy derives first (all ``[R]`` int64 unless noted)."""
+    """Per-request quantities every budgeted policy derives first (all ``[R]`` int64 unless noted).
+
+    The protected tokens of a head are its sinks (the first ``sinks`` positions) and its kept window (the last
+    ``window`` positions); they are kept in every head, inside the budget, and everything else (``rest``)
+    competes for what the budget leaves.
+    """
 
     prompt_len: Tensor
-    budget: Tensor  # effective B: max(nominal, floor), at most n
-    raised: Tensor  # bool
-    floor: Tensor  # min(config floor, n)
-    window: Tensor  # min(W, n)
+    budget: Tensor  # effective B: max(nominal, min_keep), at most n; n when skipped
+    raised: Tensor  # bool: the nominal budget was below min_keep
+    skipped: Tensor  # SKIP_* codes
+    floor: Tensor  # per-head minimum: max(protected, min_keep), at most n
+    window: Tensor  # kept window length (at most W)
+    sinks: Tensor  # kept sink count (at most S)
     valid: Tensor  # [R, N] bool
-    in_window: Tensor  # [R, N] bool
-    visual_rest: Tensor  # [R, N] bool: visual, outside the window
-    text_rest: Tensor  # [R, N] bool: text, outside the window
+    protected_mask: Tensor  # [R, N] bool: sinks and kept window
+    visual_rest: Tensor  # [R, N] bool: visual, not protected
+    text_rest: Tensor  # [R, N] bool: text, not protected
+
+    @property
+    def protected(self) -> Tensor:
+        return self.window + self.sinks
 
     @property
     def rest(self) -> Tensor:
         return self.visual_rest | self.text_rest
 
 
-def budget_state(inputs: PolicyInputs, cfg: PolicyConfig) -> BudgetState:
+def budget_state(inputs: PolicyInputs, cfg: PolicyConfig, sinks: bool = True) -> BudgetState:
+    """Budget, skip rule and protected tokens of every request (README "Short prompts, sinks and the floor").
+
+    Kept window and sinks share the budget: the window keeps min(W, max(1, floor(a * (B - S)))) positions (a =
+    ``window_share``, 0.5 by default) and the sinks min(S, B - window). So once B >= S + W / a nothing changes
+    (S sinks, W window, the rest by score); below it the window shrinks and, at a = 0.5, at least as many tokens
+    are chosen by score as by recency: the budget is never spent on the window alone (below S + 2 tokens it
+    holds the last token and what it can of the sinks). ``sinks=False`` (policies that do not score) keeps no
+    sinks.
+    """
     n = inputs.prompt_len.long()
     width = inputs.visual.shape[-1]
-    floor = torch.clamp(torch.full_like(n, cfg.floor), max=n)
     nominal = inputs.nominal_budget.long()
-    budget = torch.minimum(torch.maximum(nominal, floor), n)
-    window = torch.clamp(torch.full_like(n, cfg.window), max=n)
+    skipped = skip_codes(n, nominal, cfg)
+    budget = torch.where(skipped != NOT_SKIPPED, n, raised_budget(n, nominal, cfg))
+    sink_tokens = cfg.sink if sinks else 0
+    share = cfg.window_share_fraction
+    window = torch.clamp(torch.clamp((budget - sink_tokens) * share.numerator // share.denominator, min=1),
+                         max=cfg.window)
+    window = torch.minimum(window, budget)
+    sink_count = torch.clamp(budget - window, max=sink_tokens)
+    floor = torch.minimum(torch.clamp(window + sink_count, min=cfg.min_keep or 0), n)
     pos = torch.arange(width, device=inputs.device)[None, :]
     valid = pos < n[:, None]
-    in_window = valid & (pos >= (n - window)[:, None])
-    rest = valid & ~in_window
+    protected = valid & ((pos >= (n - window)[:, None]) | (pos < sink_count[:, None]))
+    rest = valid & ~protected
     return BudgetState(
         prompt_len=n,
         budget=budget,
-        raised=nominal < floor,
+        raised=nominal < (cfg.min_keep or 0),
+        skipped=skipped,
         floor=floor,
         window=window,
+        sinks=sink_count,
         valid=valid,
-        in_window=in_window,
+        protected_mask=protected,
         visual_rest=rest & inputs.visual,
         text_rest=rest & ~inputs.visual,
     )
 
 
 def ranking_scores(scores: Tensor, state: BudgetState, visual: Tensor, cfg: PolicyConfig) -> Tensor:
-    """psi pooled for ranking only, never across a modality run or into the window (DESIGN §2 step 1)."""
+    """psi pooled for ranking only, never across a modality run or into the protected tokens (DESIGN §2 step 1)."""
     if cfg.pooling == "none":
         return scores
     # A segment is a maximal run of one modality; ids grow at every modality change.
     change = torch.zeros_like(visual, dtype=torch.long)
     change[:, 1:] = (visual[:, 1:] != visual[:, :-1]).long()
     run_id = change.cumsum(dim=-1) + 1
-    segments = torch.where(state.in_window, _SEG_WINDOW, torch.where(state.valid, run_id, _SEG_PAD))
+    segments = torch.where(state.protected_mask, _SEG_PROTECTED, torch.where(state.valid, run_id, _SEG_PAD))
     return pool_within_segments(scores, segments[:, None, None, :], cfg.pool_kernel, cfg.pooling)
 
 
 def head_demands(scores: Tensor, state: BudgetState, theta: float) -> Tensor:
-    """HCC demands d = W + k_v + k_t of this rank's heads, ``[R, L, H_r]`` (two sorts: compute only if used)."""
+    """HCC demands d = P + k_v + k_t of this rank's heads (P: sinks and kept window), ``[R, L, H_r]`` (two sorts:
+    compute only if used)."""
     k_v = budget_math.coverage_counts(scores, state.visual_rest, theta)
     k_t = budget_math.coverage_counts(scores, state.text_rest, theta)
-    return state.window[:, None, None] + k_v + k_t
+    return state.protected[:, None, None] + k_v + k_t
 
 
 def finish(
@@ -218,9 +275,10 @@ def finish(
     layer_totals: Tensor,
     quotas: list[tuple[Tensor, Tensor]],
 ) -> Selection:
-    """Select the window plus each group's quota and package the decision. B >= n is the identity, whatever
-    the layer allotment said (the ``paper`` recurrence keeps only the demand otherwise)."""
-    keep = select_top(rank, state.in_window, quotas)
+    """Select the protected tokens plus each group's quota and package the decision. B >= n (a skipped request
+    included) is the identity, whatever the layer allotment said (the ``paper`` recurrence keeps only the demand
+    otherwise)."""
+    keep = select_top(rank, state.protected_mask, quotas)
     identity = (state.budget >= state.prompt_len)[:, None, None]
     full = state.prompt_len[:, None, None]
     keep = torch.where(identity[..., None], state.valid[:, None, None, :], keep)
@@ -234,6 +292,7 @@ def finish(
         layer_totals=layer_totals,
         budget=state.budget,
         raised=state.raised,
+        skipped=state.skipped,
         kept_visual=(keep & inputs.visual[:, None, None, :]).sum(dim=-1),
     )
 
@@ -245,6 +304,6 @@ def uniform_heads(inputs: PolicyInputs, layer_totals: Tensor) -> tuple[Tensor, T
     return local, everyone
 
 
-def non_window_quota(head_budget: Tensor, state: BudgetState) -> list[tuple[Tensor, Tensor]]:
-    """One group: the top (b_h - W) of all non-window tokens (no modality split)."""
-    return [(state.rest, head_budget - state.window[:, None, None])]
+def unprotected_quota(head_budget: Tensor, state: BudgetState) -> list[tuple[Tensor, Tensor]]:
+    """One group: the top (b_h - P) of all unprotected tokens (no modality split)."""
+    return [(state.rest, head_budget - state.protected[:, None, None])]

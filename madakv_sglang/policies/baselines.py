@@ -18,7 +18,7 @@ from madakv_sglang.policies.base import (
     Selection,
     budget_state,
     finish,
-    non_window_quota,
+    unprotected_quota,
     ranking_scores,
     uniform_heads,
 )
@@ -39,10 +39,10 @@ def _broadcast(rank: Tensor, inputs: PolicyInputs) -> Tensor:
 
 
 def _uniform_select(inputs: PolicyInputs, state: BudgetState, rank: Tensor) -> Selection:
-    """Every layer H*B, every head B: the window plus the top (B - W) non-window tokens by ``rank``."""
+    """Every layer H*B, every head B: the protected tokens plus the top (B - P) others by ``rank``."""
     layer_totals = budget_math.allot_layers_uniform(inputs.num_layers, state.budget, inputs.total_heads)
     head_budget, everyone = uniform_heads(inputs, layer_totals)
-    return finish(inputs, state, rank, head_budget, everyone, layer_totals, non_window_quota(head_budget, state))
+    return finish(inputs, state, rank, head_budget, everyone, layer_totals, unprotected_quota(head_budget, state))
 
 
 @register_policy("full")
@@ -55,12 +55,14 @@ class Full:
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection:
         state = budget_state(inputs, cfg)
         state.budget = state.prompt_len  # B = n is the identity
+        state.skipped = torch.zeros_like(state.skipped)  # nothing to skip: full never compresses
         return _uniform_select(inputs, state, _broadcast(torch.zeros_like(inputs.visual, dtype=torch.float32), inputs))
 
 
 @register_policy("random")
 class RandomEviction:
-    """Window plus B - W uniformly random tokens per head (a floor for every informed policy).
+    """The kept window plus uniformly random tokens per head (a floor for every informed policy; it scores
+    nothing, so it keeps no attention sinks).
 
     The draw is a hash of (seed, layer, global head, position), so it does not depend on how heads are spread
     over TP ranks or on the device.
@@ -70,7 +72,7 @@ class RandomEviction:
     score_source: ScoreSource = "none"
 
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection:
-        state = budget_state(inputs, cfg)
+        state = budget_state(inputs, cfg, sinks=False)
         layer = torch.arange(inputs.num_layers, device=inputs.device)[:, None, None]
         head = torch.arange(inputs.head_offset, inputs.head_offset + inputs.heads_here, device=inputs.device)
         x = _positions(inputs)[None, None, :] * 2654435761 + layer * 40503 + head[None, :, None] * 2246822519
@@ -89,17 +91,15 @@ def _mix(x: Tensor) -> Tensor:
 
 @register_policy("streamingllm")
 class StreamingLLM:
-    """Attention sinks (the first ``sink`` tokens) plus the most recent tokens (Xiao et al., 2023)."""
+    """Attention sinks (the first ``sink`` tokens) plus the most recent tokens (Xiao et al., 2023): the shared
+    protected tokens, and the rest of the budget by recency."""
 
     name = "streamingllm"
     score_source: ScoreSource = "none"
 
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection:
         state = budget_state(inputs, cfg)
-        pos = _positions(inputs).double()
-        n = inputs.visual.shape[-1]
-        rank = torch.where(pos < cfg.sink, pos + 2 * n, pos)  # sinks outrank every recent token
-        return _uniform_select(inputs, state, _broadcast(rank, inputs))
+        return _uniform_select(inputs, state, _broadcast(_positions(inputs).double(), inputs))
 
 
 @register_policy("h2o")
@@ -145,7 +145,7 @@ class PyramidKV:
         )
         head_budget, everyone = uniform_heads(inputs, layer_totals)
         rank = ranking_scores(inputs.scores, state, inputs.visual, cfg)
-        return finish(inputs, state, rank, head_budget, everyone, layer_totals, non_window_quota(head_budget, state))
+        return finish(inputs, state, rank, head_budget, everyone, layer_totals, unprotected_quota(head_budget, state))
 
 
 @register_policy("adakv")
@@ -166,7 +166,7 @@ class AdaKV:
         layer_totals = budget_math.allot_layers_uniform(inputs.num_layers, state.budget, inputs.total_heads)
         everyone = _adaptive_head_budgets(rank, state, cfg, comm, inputs.total_heads)
         head_budget = everyone[..., inputs.head_offset : inputs.head_offset + inputs.heads_here]
-        return finish(inputs, state, rank, head_budget, everyone, layer_totals, non_window_quota(head_budget, state))
+        return finish(inputs, state, rank, head_budget, everyone, layer_totals, unprotected_quota(head_budget, state))
 
 
 def _adaptive_head_budgets(rank: Tensor, state: BudgetState, cfg: PolicyConfig, comm: Comm, heads: int) -> Tensor:
@@ -174,11 +174,11 @@ def _adaptive_head_budgets(rank: Tensor, state: BudgetState, cfg: PolicyConfig, 
     alpha_floor = torch.floor(cfg.adakv_alpha * state.budget.double()).long()
     guaranteed = torch.minimum(torch.maximum(alpha_floor, state.floor), state.budget)  # [R]
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=rank.device)
-    # Each head's non-window scores, best first (later position first among equals, as in selection).
+    # Each head's unprotected scores, best first (later position first among equals, as in selection).
     masked = torch.where(state.rest[:, None, None, :], rank.double(), neg_inf).flip(-1)
     ordered = masked.sort(dim=-1, descending=True, stable=True).values
     ordered = comm.all_gather_heads(ordered)  # [R, L, H, N]
-    skip = (guaranteed - state.window)[:, None, None, None]
+    skip = (guaranteed - state.protected)[:, None, None, None]
     ordinal = torch.arange(ordered.shape[-1], device=rank.device)
     candidates = torch.where(ordinal < skip, neg_inf, ordered)
     flat = candidates.flatten(2)  # head-major, so equal scores favour the lower head
@@ -205,7 +205,7 @@ class LookM:
         state = budget_state(inputs, cfg)
         layer_totals = budget_math.allot_layers_uniform(inputs.num_layers, state.budget, inputs.total_heads)
         head_budget, everyone = uniform_heads(inputs, layer_totals)
-        rest = head_budget - state.window[:, None, None]
+        rest = head_budget - state.protected[:, None, None]
         b_t = torch.minimum(rest, state.text_rest.sum(-1)[:, None, None].expand_as(rest))
         quotas = [(state.text_rest, b_t), (state.visual_rest, rest - b_t)]
         rank = ranking_scores(inputs.scores, state, inputs.visual, cfg)

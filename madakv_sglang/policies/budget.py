@@ -17,7 +17,7 @@ def modality_masses(scores: Tensor, members: Tensor) -> Tensor:
     """w(h) = sum of psi over the member positions (MPA step 2), in float64.
 
     Args:
-        scores: ``[R, L, H, N]`` psi; members: ``[R, N]`` bool (e.g. non-window visual positions).
+        scores: ``[R, L, H, N]`` psi; members: ``[R, N]`` bool (e.g. unprotected visual positions).
     Returns:
         ``[R, L, H]`` float64.
     """
@@ -174,20 +174,21 @@ def split_heads_by_demand(layer_totals: Tensor, head_demand: Tensor, prompt_len:
 
 
 def split_modalities(
-    head_budget: Tensor, window: Tensor, mass_visual: Tensor, mass_text: Tensor, n_visual: Tensor, n_text: Tensor
+    head_budget: Tensor, protected: Tensor, mass_visual: Tensor, mass_text: Tensor, n_visual: Tensor, n_text: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """MPA step 6: split a head's non-window budget between modalities in proportion to their attention mass.
+    """MPA step 6: split what a head's budget leaves after its protected tokens (sinks and kept window) between
+    modalities in proportion to their attention mass.
 
-    b_v = floor((b_h - W) * w_v / (w_v + w_t) + 1/2) (token counts when both masses are 0), then clamped so that
+    b_v = floor((b_h - P) * w_v / (w_v + w_t) + 1/2) (token counts when both masses are 0), then clamped so that
     neither modality is asked for more tokens than it has (the surplus goes to the other).
 
     Args:
-        head_budget: ``[R, L, H_r]`` b_h; window: ``[R]`` effective W; masses ``[R, L, H_r]`` float64;
-        n_visual / n_text: ``[R]`` non-window token counts of each modality.
+        head_budget: ``[R, L, H_r]`` b_h; protected: ``[R]`` P; masses ``[R, L, H_r]`` float64;
+        n_visual / n_text: ``[R]`` unprotected token counts of each modality.
     Returns:
         (b_v, b_t), each ``[R, L, H_r]`` int64.
     """
-    rest = head_budget - window[:, None, None]
+    rest = head_budget - protected[:, None, None]
     mass_sum = mass_visual + mass_text
     count_share = n_visual.double() / (n_visual + n_text).clamp(min=1).double()
     share = torch.where(mass_sum > 0, mass_visual / torch.where(mass_sum > 0, mass_sum, 1.0), count_share[:, None, None])

@@ -15,7 +15,7 @@ from madakv_sglang.policies.base import (
     budget_state,
     finish,
     head_demands,
-    non_window_quota,
+    unprotected_quota,
     ranking_scores,
     uniform_heads,
 )
@@ -30,7 +30,7 @@ class MadaKV:
     """Per head: split the budget between modalities by the window's attention mass (MPA); per layer: allot the
     model-wide budget by each layer's theta-coverage demand (HCC).
 
-    Ablations: ``mpa=False`` ranks all non-window tokens together; ``hcc="off"`` gives every layer H*B.
+    Ablations: ``mpa=False`` ranks all unprotected tokens together; ``hcc="off"`` gives every layer H*B.
     """
 
     name = "madakv"
@@ -63,10 +63,10 @@ class MadaKV:
             mass_v = budget_math.modality_masses(inputs.scores, state.visual_rest)
             mass_t = budget_math.modality_masses(inputs.scores, state.text_rest)
             b_v, b_t = budget_math.split_modalities(
-                head_budget, state.window, mass_v, mass_t, state.visual_rest.sum(-1), state.text_rest.sum(-1)
+                head_budget, state.protected, mass_v, mass_t, state.visual_rest.sum(-1), state.text_rest.sum(-1)
             )
             quotas = [(state.visual_rest, b_v), (state.text_rest, b_t)]
         else:
-            quotas = non_window_quota(head_budget, state)
+            quotas = unprotected_quota(head_budget, state)
         rank = ranking_scores(inputs.scores, state, inputs.visual, cfg)
         return finish(inputs, state, rank, head_budget, everyone, layer_totals, quotas)

@@ -1,4 +1,5 @@
-"""Selection (DESIGN §2 step 7): keep the window plus the top-scored tokens of each group up to its quota."""
+"""Selection (DESIGN §2 step 7): keep the protected tokens (sinks, kept window) plus the top-scored tokens of
+each group up to its quota."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def select_top(rank_scores: Tensor, always: Tensor, groups: Sequence[tuple[Tenso
 
     Args:
         rank_scores: ``[R, L, H, N]`` scores used for ranking (pooled or not; any real dtype).
-        always: ``[R, N]`` bool, positions kept unconditionally (the window).
+        always: ``[R, N]`` bool, positions kept unconditionally (sinks and kept window).
         groups: pairs of ``[R, N]`` (or ``[R, L, H, N]``) bool member masks, disjoint from each other and from
             ``always``, and ``[R, L, H]`` int64 quotas (at most the member count).
     Returns:

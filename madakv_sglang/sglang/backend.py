@@ -21,10 +21,10 @@ from madakv_sglang.config import PolicyConfig
 from madakv_sglang.kernels import decode_kernel_for, headwise_decode
 from madakv_sglang.kernels.index_tables import IndexInputs, build_index_inputs, decode_index_tables
 from madakv_sglang.policies import get_policy
-from madakv_sglang.policies.base import LOCAL, Comm
+from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, SKIP_REASONS, Comm
 from madakv_sglang.policies.scoring import window_scores
 from madakv_sglang.sglang import batch_context
-from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, decide, pack
+from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, decide, pack, skip_code
 from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
 from madakv_sglang.sglang.modality import visual_mask
 from madakv_sglang.sglang.settings import BASE_BACKEND_ENV, config_from_env, is_compressing
@@ -220,7 +220,8 @@ class _MadaKVMixin:
             seq = prefix + extend
             full_len = info.full_len if info is not None else seq
             replay = _replay_of(info)
-            scored = replay is None and get_policy(config.policy).score_source == "window"
+            skipped = NOT_SKIPPED if replay is not None else skip_code(full_len, config)
+            scored = replay is None and not skipped and get_policy(config.policy).score_source == "window"
             finishing = None
             # Every finished prompt gets a decision, even one too short to evict from: a retraction then replays
             # "keep everything" instead of compressing the longer re-prefill afresh.
@@ -235,6 +236,7 @@ class _MadaKVMixin:
                         if scored else None
                     ),
                     replay=replay,
+                    skipped=skipped,
                 )
             needs_tail = seq < full_len and scored
             if finishing is None and not needs_tail and replay is None:
@@ -264,6 +266,9 @@ class _MadaKVMixin:
             state = LEDGER.open(request.row, self._generation(request.row))
             state.query_tail.clear()
             state.decision = _stored(request, decision)
+            if request.skipped:
+                state.skipped = SKIP_REASONS[request.skipped]
+                continue
             packed = pack(request, decision, rows_map[request.row, : request.prompt_len], keys, values, self.geometry.tp_size)
             if packed is None:
                 continue

@@ -19,7 +19,7 @@ from madakv_sglang.config import PolicyConfig
 from madakv_sglang.kernels.pack import pack_cells, pack_moves
 from madakv_sglang.layout import pack_plan, packing_waste, slot_count
 from madakv_sglang.policies import get_policy
-from madakv_sglang.policies.base import LOCAL, Comm, PolicyInputs
+from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, Comm, PolicyInputs, skip_codes
 from madakv_sglang.sglang.ledger import PackedRow, Replay
 
 POISON_ENV = "MADAKV_DEBUG_POISON"
@@ -41,6 +41,8 @@ class Finishing:
         config: its policy settings.
         scores: ``[L, H_r, n]`` float32 window scores (filled layer by layer), ``None`` when not needed.
         replay: a stored decision to apply instead of running the policy.
+        skipped: why the prompt is kept whole without running the policy (``policies.base.SKIP_REASONS``), 0 when
+            it is compressed.
     """
 
     row: int
@@ -49,6 +51,7 @@ class Finishing:
     config: PolicyConfig
     scores: Tensor | None = None
     replay: Replay | None = None
+    skipped: int = NOT_SKIPPED
 
 
 @dataclass
@@ -86,6 +89,8 @@ def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) ->
     for index, request in enumerate(requests):
         if request.replay is not None:
             decisions[index] = _replayed(request, request.replay)
+        elif request.skipped != NOT_SKIPPED:
+            decisions[index] = _whole(request, geometry)
         else:
             groups.setdefault(request.config, []).append(index)
     for config, members in groups.items():
@@ -126,6 +131,21 @@ def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) ->
             n = requests[index].prompt_len
             decisions[index] = Decision(selection.keep[slot, :, :, :n], selection.all_head_counts[slot])
     return [d for d in decisions if d is not None]
+
+
+def skip_code(prompt_len: int, config: PolicyConfig) -> int:
+    """Why a prompt of ``prompt_len`` tokens is not compressed under ``config`` (0: it is), decided before any
+    score is computed; the policies apply the same rule (``policies.base.skip_codes``)."""
+    nominal = config.budget.tokens_for(prompt_len)
+    return int(skip_codes(torch.tensor([prompt_len]), torch.tensor([nominal]), config)[0])
+
+
+def _whole(request: Finishing, geometry: Geometry) -> Decision:
+    """A skipped prompt keeps every position in every head (and a retraction replays exactly that)."""
+    n = request.prompt_len
+    keep = torch.ones(geometry.num_layers, geometry.local_heads, n, dtype=torch.bool, device=request.visual.device)
+    counts = torch.full((geometry.num_layers, geometry.total_heads), n, dtype=torch.long, device=keep.device)
+    return Decision(keep, counts)
 
 
 def _replayed(request: Finishing, replay: Replay) -> Decision:

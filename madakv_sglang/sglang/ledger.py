@@ -53,6 +53,7 @@ class RowState:
     query_tail: dict[int, Tensor] = field(default_factory=dict)  # layer -> last W prompt queries so far
     packed: PackedRow | None = None
     decision: Replay | None = None  # set when the prompt was decided; the scheduler copies it to the request
+    skipped: str | None = None  # why the prompt was kept whole, until the scheduler has reported it
 
 
 class Ledger:

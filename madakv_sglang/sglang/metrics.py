@@ -15,6 +15,8 @@ Exported series (counters get prometheus_client's ``_total`` suffix):
 - ``madakv_reclaimed_slots_total``: slots returned to SGLang's KV pool.
 - ``madakv_packing_waste_cells_total``: (slot, head, layer) cells held but not kept (DESIGN §3).
 - ``madakv_compression_seconds``: histogram of the time from scores to freed slots, per batch.
+- ``madakv_skipped_requests_total``: requests served uncompressed by the skip rule, by ``reason`` (``short
+  prompt``: below ``--kv-min-prompt``; ``small saving``: the budget would reclaim less than ``--kv-min-reclaim``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class CompressionMetrics:
             "madakv_compression_seconds", "Time spent compressing, from window scores to freed slots.", names,
             buckets=SECONDS_BUCKETS, registry=registry,
         )
+        self.skipped = Counter(
+            "madakv_skipped_requests", "Requests served uncompressed by the skip rule, by reason.", [*names, "reason"],
+            registry=registry,
+        )
 
     def record(self, prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str) -> None:
         labels = {**self.labels, "policy": policy}
@@ -67,6 +73,10 @@ class CompressionMetrics:
         self.reclaimed.labels(**labels).inc(max(prompt_slots - kept_slots, 0))
         self.waste.labels(**labels).inc(max(waste_cells, 0))
         self.seconds.labels(**labels).observe(max(seconds, 0.0))
+
+
+    def record_skip(self, reason: str, policy: str) -> None:
+        self.skipped.labels(**self.labels, policy=policy, reason=reason).inc()
 
 
 _UNDECIDED = object()
@@ -88,6 +98,14 @@ def record_compression(
 
         policy = config_from_env().policy
     metrics.record(prompt_slots, kept_slots, waste_cells, seconds, policy)
+
+
+def record_skip(reason: str, policy: str) -> None:
+    """Count one request served uncompressed by the skip rule; a no-op unless SGLang runs with
+    ``--enable-metrics``."""
+    metrics = _active()
+    if metrics is not None:
+        metrics.record_skip(reason, policy)
 
 
 def _active() -> CompressionMetrics | None:

@@ -25,7 +25,7 @@ from madakv_sglang.config import ConfigError, PolicyConfig
 from madakv_sglang.sglang import batch_context
 from madakv_sglang.sglang.compress import poison_enabled
 from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
-from madakv_sglang.sglang.metrics import record_compression
+from madakv_sglang.sglang.metrics import record_compression, record_skip
 from madakv_sglang.sglang.settings import config_from_env
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
             continue
         if state.decision is not None and getattr(req, REPLAY_ATTR, None) is None:
             setattr(req, REPLAY_ATTR, state.decision)
+        if state.skipped is not None:
+            _report_skipped(req, state.skipped, len(req.origin_input_ids), request_policy(req))
+            state.skipped = None
         packed = state.packed
         if packed is None or packed.pending_free is None:
             continue
@@ -144,22 +147,42 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         )
 
 
+def _set_meta(req: Any, summary: dict[str, Any]) -> None:
+    if req.customized_info is None:
+        req.customized_info = {}
+    req.customized_info[META_KEY] = [summary]
+
+
 def _report(req: Any, packed: PackedRow, policy: str) -> None:
-    summary = {
+    _set_meta(req, {
         "prompt_slots": packed.prompt_len,
         "kept_slots": packed.slots,
         "reclaimed_slots": packed.evicted,
         "packing_waste_cells": packed.waste_cells,
         "compress_ms": round(packed.compress_seconds * 1e3, 3),
-    }
-    if req.customized_info is None:
-        req.customized_info = {}
-    req.customized_info[META_KEY] = [summary]
+        "skipped": None,
+    })
     logger.info(
         "madakv: request %s prompt slots %d -> %d (%.1f%% reclaimed, waste %d cells)",
         req.rid, packed.prompt_len, packed.slots, 100.0 * packed.evicted / max(packed.prompt_len, 1), packed.waste_cells,
     )
     record_compression(packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy)
+
+
+def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig) -> None:
+    """A prompt served uncompressed by the skip rule: said in ``meta_info``, the log and the metrics."""
+    _set_meta(req, {
+        "prompt_slots": prompt_len,
+        "kept_slots": prompt_len,
+        "reclaimed_slots": 0,
+        "packing_waste_cells": 0,
+        "compress_ms": 0.0,
+        "skipped": reason,
+    })
+    why = (f"{prompt_len} < --kv-min-prompt {config.min_prompt}" if reason == "short prompt"
+           else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}")
+    logger.info("madakv: request %s prompt slots %d kept whole (%s: %s)", req.rid, prompt_len, reason, why)
+    record_skip(reason, policy=config.policy)
 
 
 def _around_request_level_key(original: Any, streamer: Any, key: str, *args: Any, **kwargs: Any) -> bool:
