@@ -184,12 +184,29 @@ def split_kv_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return ours, rest
 
 
-def config_from_kv_argv(kv_argv: Sequence[str], prog: str = "sglang serve") -> PolicyConfig | None:
+def program_name() -> str:
+    """The command the user ran, for argparse's ``PROG: error:`` line: ``python -m sglang.launch_server``,
+    ``sglang serve``, ``python -m madakv_sglang.sglang.offline_throughput``, ... (argparse's own default is the
+    file name, ``launch_server.py``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # run with -m
+        return "python -m " + spec.name.removesuffix(".__main__")
+    argv = sys.argv or [""]
+    name = os.path.basename(argv[0])
+    if name == "sglang" and len(argv) > 1 and not argv[1].startswith("-"):  # the console script's subcommand
+        return f"sglang {argv[1]}"
+    if name in ("", "-c"):
+        return "python"
+    return name
+
+
+def config_from_kv_argv(kv_argv: Sequence[str], prog: str | None = None) -> PolicyConfig | None:
     """Validate the ``--kv-*`` flags into a PolicyConfig (None when there are none); a bad value exits 2 with
-    argparse's usage line and a message naming the flag. Flags override ``MADAKV_KV_*`` variables."""
+    argparse's usage line and a message naming the flag. Flags override ``MADAKV_KV_*`` variables. ``prog``
+    labels the error (default: :func:`program_name`)."""
     if not kv_argv:
         return None
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog or program_name(), add_help=False, allow_abbrev=False)
     add_kv_arguments(parser)
     namespace = parser.parse_args(list(kv_argv))
     policy = namespace.kv_policy
@@ -249,7 +266,7 @@ def _merge_config_file(argv: list[str]) -> list[str]:
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
 
-    parser = argparse.ArgumentParser(prog="sglang serve")
+    parser = argparse.ArgumentParser(prog=program_name())
     ServerArgs.add_cli_args(parser)
     merged: list[str] = ConfigArgumentMerger(parser).merge_config_with_args(argv)
     return merged
