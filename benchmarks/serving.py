@@ -34,9 +34,8 @@ prompt leaves room for more requests), not GPU speed. ``--print-gpu-commands`` p
 GPU server with a real model (Qwen2.5-VL-7B, 200 prompts of 4 x 720p images, 64k-slot pool) as shell commands;
 ``--summarize DIR`` turns their logs and JSON into the same report (each log read from the client's first call).
 
-SGLang 0.5.23's ``sglang.benchmark.serving`` imports ``datasets`` (for its MMMU loader) at start-up; where that
-package is missing (our CPU venv) the client runs with the stand-in of :mod:`madakv_sglang.sglang.bench_datasets`,
-which the ``image`` and ``random-ids`` datasets never call.
+SGLang 0.5.23's ``sglang.benchmark.serving`` imports ``datasets`` (for its MMMU loader) at start-up; the set-up
+installs it (``scripts/requirements-cpu.txt``), and the ``image`` and ``random-ids`` datasets never load from the hub.
 """
 
 from __future__ import annotations
@@ -228,14 +227,11 @@ def check_all_served(name: str, client: dict[str, Any], stats: LogStats, num_pro
 
 
 def run_sglang_client(wait: bool = False) -> None:
-    """``python -m sglang.benchmark.serving`` with ``sys.argv``; a stand-in ``datasets`` where it is missing.
+    """``python -m sglang.benchmark.serving`` with ``sys.argv``.
 
     ``wait``: import SGLang's client first (seconds of CPU), then start only when a line arrives on stdin, so
     the import overlaps the server's start-up instead of adding to it.
     """
-    from madakv_sglang.sglang.bench_datasets import allow_missing_datasets
-
-    allow_missing_datasets()
     if wait:
         importlib.import_module("sglang.benchmark.serving")
         if not sys.stdin.readline():

@@ -45,7 +45,7 @@ def test_a_bad_budget_exits_2_before_the_engine_starts() -> None:
     """The model path does not exist: only a refusal before the engine starts can give exit 2 and this message."""
     done = _run(["--model-path", "unused", "--kv-policy", "madakv", "--kv-budget", "1.5"], timeout=300)
     assert done.returncode == 2
-    assert "argument --kv-budget" in done.stderr
+    assert f"python -m {MODULE}: error: argument --kv-budget" in done.stderr
 
 
 def test_a_setting_refused_at_resolution_exits_2_with_the_plugins_message() -> None:

@@ -503,6 +503,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def free_port() -> int:
+    from madakv_sglang import serving
+
+    if os.environ.get(serving.PORT_RANGE_ENV):  # a shared machine: stay in the range its user was given
+        return serving.free_port()
     for port in PORTS:
         with socket.socket() as sock:
             try:

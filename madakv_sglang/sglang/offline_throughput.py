@@ -25,7 +25,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from madakv_sglang.config import ConfigError
     from madakv_sglang.sglang import settings
-    from madakv_sglang.sglang.bench_datasets import allow_missing_datasets
     from madakv_sglang.sglang.plugin import config_from_kv_argv, split_kv_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -35,7 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_kv_argv(kv_argv, prog=PROG)
         if config is not None:
             settings.config_to_env(config)
-    allow_missing_datasets()
     from sglang.benchmark import offline_throughput
 
     sys.argv = [PROG, *argv]

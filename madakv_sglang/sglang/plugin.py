@@ -14,10 +14,15 @@ What it wires, all through SGLang's extension points (no file of SGLang is patch
   ``handle_deprecated_dp_attention`` (the first step, before the model path is even looked at) refuses what
   cannot run compressed; ``handle_attention_backend_compatibility`` (the step where SGLang settles the attention
   backend) records the base backend and forces the settings a compressing policy needs, one log line each;
-  ``validate_deepep_v2_dispatch_token_budget`` (the last step) checks that no later step undid them.
+  ``validate_deepep_v2_dispatch_token_budget`` (the last step) checks that no later step undid them, and that a
+  token budget is not above the model's context length (``ModelConfig``, which the backend step has built).
   A refusal exits 2 with the message on stderr for the command line, and raises ConfigError for ``Engine``.
-- Per-request overrides: AFTER hooks on ``SamplingParams.verify`` (``custom_params`` ``kv_*`` keys) and on
-  ``TokenizerManager._validate_one_request`` (sessions), whose ValueErrors SGLang returns as HTTP 400.
+- Per-request checks: AFTER hooks on ``SamplingParams.verify`` (``custom_params`` ``kv_*`` keys) and on
+  ``TokenizerManager._validate_one_request`` (sessions, empty prompts, token budgets against ``context_len``),
+  whose ValueErrors SGLang returns as HTTP 400. A streamed request reaches them only after SGLang has answered
+  200 and opened the stream, so in the HTTP server's process the same checks also run before that:
+  an AROUND hook on ``http_server.serve_generate_request`` (``/generate``) and AFTER hooks on the OpenAI chat and
+  completions ``_convert_to_internal_request``, which SGLang calls before it builds the StreamingResponse.
 - With a compressing policy configured, the scheduler-side hooks of ``reclaim``.
 
 With ``--kv-policy full`` (the default) every hook passes straight through: SGLang resolves and runs stock.
@@ -29,7 +34,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from madakv_sglang.config import POLICY_FIELDS, ConfigError, PolicyConfig, add_policy_arguments, policy_flag
@@ -47,6 +52,12 @@ FIRST_STEP = "handle_deprecated_dp_attention"
 BACKEND_STEP = "handle_attention_backend_compatibility"
 LAST_STEP = "validate_deepep_v2_dispatch_token_budget"
 SOURCE = "madakv_sglang"  # the source of our declarations in ServerArgs' resolution record
+
+HTTP_SERVER = "sglang.srt.entrypoints.http_server"
+OPENAI_CONVERTERS = (
+    "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request",
+    "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._convert_to_internal_request",
+)
 
 # Bookkeeping attributes on a ServerArgs record (underscored non-fields ride along to subprocesses).
 _CLI_MARK = "_madakv_from_cli"
@@ -82,6 +93,12 @@ def register() -> None:
     register_resolution_hook(FIRST_STEP)(_refuse_unsupported)
     register_resolution_hook(BACKEND_STEP)(_force_settings)
     register_resolution_hook(LAST_STEP)(_check_final)
+
+    if not _spawned_by_sglang():  # the HTTP server runs in the launching process; schedulers need not import it
+        HookRegistry.register(f"{HTTP_SERVER}.serve_generate_request", _around_serve_generate_request,
+                              HookType.AROUND)
+        for target in OPENAI_CONVERTERS:
+            HookRegistry.register(target, _after_convert_to_internal_request, HookType.AFTER)
 
     if settings.env_may_compress():
         _install_scheduler_hooks()
@@ -184,12 +201,29 @@ def split_kv_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return ours, rest
 
 
-def config_from_kv_argv(kv_argv: Sequence[str], prog: str = "sglang serve") -> PolicyConfig | None:
+def program_name() -> str:
+    """The command the user ran, for argparse's ``PROG: error:`` line: ``python -m sglang.launch_server``,
+    ``sglang serve``, ``python -m madakv_sglang.sglang.offline_throughput``, ... (argparse's own default is the
+    file name, ``launch_server.py``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # run with -m
+        return "python -m " + spec.name.removesuffix(".__main__")
+    argv = sys.argv or [""]
+    name = os.path.basename(argv[0])
+    if name == "sglang" and len(argv) > 1 and not argv[1].startswith("-"):  # the console script's subcommand
+        return f"sglang {argv[1]}"
+    if name in ("", "-c"):
+        return "python"
+    return name
+
+
+def config_from_kv_argv(kv_argv: Sequence[str], prog: str | None = None) -> PolicyConfig | None:
     """Validate the ``--kv-*`` flags into a PolicyConfig (None when there are none); a bad value exits 2 with
-    argparse's usage line and a message naming the flag. Flags override ``MADAKV_KV_*`` variables."""
+    argparse's usage line and a message naming the flag. Flags override ``MADAKV_KV_*`` variables. ``prog``
+    labels the error (default: :func:`program_name`)."""
     if not kv_argv:
         return None
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog or program_name(), add_help=False, allow_abbrev=False)
     add_kv_arguments(parser)
     namespace = parser.parse_args(list(kv_argv))
     policy = namespace.kv_policy
@@ -249,7 +283,7 @@ def _merge_config_file(argv: list[str]) -> list[str]:
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
 
-    parser = argparse.ArgumentParser(prog="sglang serve")
+    parser = argparse.ArgumentParser(prog=program_name())
     ServerArgs.add_cli_args(parser)
     merged: list[str] = ConfigArgumentMerger(parser).merge_config_with_args(argv)
     return merged
@@ -426,9 +460,24 @@ def _check_final(server_args: Any, previous: Callable[[Any], None]) -> None:
     if not settings.is_compressing(config):
         return
     cfg = resolving_view(server_args)
-    problems = unsupported_settings(cfg, config) + _final_problems(cfg)
+    problems = unsupported_settings(cfg, config) + _final_problems(cfg) + _budget_problems(server_args, config)
     if problems:
         _refuse(server_args, problems)
+
+
+def _budget_problems(server_args: Any, config: PolicyConfig) -> list[str]:
+    """A token budget above the context length (``--context-length`` or the model's); ratios always fit."""
+    if config.budget.tokens is None:
+        return []
+    from sglang.srt.arg_groups.overrides import model_config_of
+
+    from madakv_sglang.sglang.requests import check_token_budget
+
+    try:  # memoized: the backend step built it for use_mla_backend
+        check_token_budget(config, model_config_of(server_args).context_len, policy_flag("budget", FLAG_PREFIX))
+    except ConfigError as err:
+        return [str(err)]
+    return []
 
 
 # ---- per-request checks (tokenizer process; SGLang answers their ValueErrors with HTTP 400) ----
@@ -442,14 +491,52 @@ def _after_verify(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) 
         request_config(custom_params, settings.config_from_env())
 
 
-def _after_validate_one_request(result: Any, tokenizer_manager: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
-    if getattr(obj, "session_id", None) is None and getattr(obj, "session_params", None) is None:
-        return
+def _after_validate_one_request(result: Any, tokenizer_manager: Any, obj: Any, input_ids: Any = None,
+                                *args: Any, **kwargs: Any) -> None:
+    """Sessions, empty prompts (after tokenizing: chats and image requests included) and token budgets."""
+    from madakv_sglang.sglang.requests import check_prompt_tokens, check_request
+
     if not settings.env_may_compress():
         return
     config = settings.config_from_env()
-    if settings.is_compressing(config):
+    if not settings.is_compressing(config):
+        return
+    if getattr(obj, "session_id", None) is not None or getattr(obj, "session_params", None) is not None:
         raise ValueError(
             f"madakv: sessions are not supported with --kv-policy {config.policy}: a session extends the previous "
             "request's KV, which compression has packed; send the whole conversation as one request"
         )
+    if getattr(obj, "input_embeds", None) is None:
+        check_prompt_tokens(input_ids)
+    sampling_params = getattr(obj, "sampling_params", None)
+    if isinstance(sampling_params, Mapping):  # one request here: a batch is validated item by item
+        check_request(sampling_params.get("custom_params"), config, getattr(tokenizer_manager, "context_len", None))
+
+
+# ---- the same checks before a stream opens (HTTP server process) ----
+
+
+def _check_generate_input(obj: Any, context_len: int | None) -> None:
+    from madakv_sglang.sglang.requests import check_generate_input
+
+    check_generate_input(obj, settings.config_from_env(), context_len)
+
+
+async def _around_serve_generate_request(original: Callable[..., Any], obj: Any, request: Any, *args: Any,
+                                         **kwargs: Any) -> Any:
+    """``/generate``: answer a request the tokenizer hooks would refuse with the 400 SGLang gives a non-streamed
+    one (``_create_error_response``), before ``original`` may open a stream."""
+    from sglang.srt.entrypoints import http_server
+
+    try:
+        _check_generate_input(obj, http_server.get_global_state().tokenizer_manager.context_len)
+    except ValueError as err:
+        return http_server._create_error_response(err)
+    return await original(obj, request, *args, **kwargs)
+
+
+def _after_convert_to_internal_request(result: Any, serving: Any, *args: Any, **kwargs: Any) -> None:
+    """OpenAI chat and completions: SGLang's ``handle_request`` answers a ValueError raised here with HTTP 400,
+    before it picks the streaming or the non-streaming handler."""
+    adapted = result[0] if isinstance(result, tuple) else result
+    _check_generate_input(adapted, getattr(serving.tokenizer_manager, "context_len", None))
