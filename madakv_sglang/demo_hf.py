@@ -20,12 +20,12 @@ from madakv_sglang.config import Budget, PolicyConfig
 POLICIES = ("full", "madakv", "snapkv", "adakv", "pyramidkv", "lookm", "streamingllm", "h2o")
 
 
-def run(budget: str, window: int, new_tokens: int) -> list[dict]:
+def run(budget: str, window: int, new_tokens: int, min_prompt: int = 0) -> list[dict]:
     model, inputs = tiny_models.qwen2_vl(seed=0)
     rows = []
     reference: list[int] | None = None
     for policy in POLICIES:
-        cfg = PolicyConfig(policy=policy, budget=Budget.parse(budget), window=window)
+        cfg = PolicyConfig(policy=policy, budget=Budget.parse(budget), window=window, min_prompt=min_prompt)
         result = hf.generate(model, inputs, cfg, new_tokens)
         reference = result.tokens if policy == "full" else reference
         rows.append(
@@ -50,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="0.2")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--min-prompt", type=int, default=0,
+                        help="prompts shorter than this are kept whole (default 0: the demo's prompt is shorter than "
+                             "the server default, 256, and would not be compressed at all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    rows = run(args.budget, args.window, args.new_tokens)
+    rows = run(args.budget, args.window, args.new_tokens, args.min_prompt)
     if args.json:
         print(json.dumps({"model": "tiny Qwen2-VL (random weights)", "results": rows}))
         return 0
