@@ -127,7 +127,7 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def run(model: Path, concurrency: int) -> dict[str, Any]:
+def run(model: Path, concurrency: int, settings: Sequence[str]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from madakv_sglang.serving import Server
@@ -140,7 +140,7 @@ def run(model: Path, concurrency: int) -> dict[str, Any]:
         with Server(model, [*base, "--attention-backend", "torch_native"], Path(logs) / "full.log") as stock:
             full = list(pool.map(lambda p: generate(stock, p[2]), prompts))
         with Server(model, [*base, "--kv-policy", "madakv"], Path(logs) / "madakv.log") as server:
-            for name, custom in SETTINGS:
+            for name, custom in (item for item in SETTINGS if item[0] in settings):
                 started = time.monotonic()
                 outs = list(pool.map(lambda p, c=custom: generate(server, p[2], c), prompts))
                 print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -186,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "short-prompts.json")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (SGLang batches them)")
+    names = [name for name, _ in SETTINGS]
+    parser.add_argument("--settings", nargs="+", default=names, choices=names, metavar="NAME",
+                        help=f"compressing settings to compare with full (default: all of {', '.join(names)})")
     parser.add_argument("--summarize", action="store_true", help="print the table of an existing --out file")
     args = parser.parse_args(argv)
     if args.summarize:
@@ -193,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not (args.model / "model.safetensors").exists():
         parser.error(f"no weights at {args.model}: run `make setup-smollm2`")
-    report = run(args.model, args.concurrency)
+    report = run(args.model, args.concurrency, args.settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))

@@ -40,7 +40,8 @@ CWD = os.getcwd()
 AWAY = "192.0.2.1"  # TEST-NET-1: resolves (an address literal) and is never this machine
 ENVIRON = {"SGLANG_USE_CPU_ENGINE": "1", "MADAKV_KV_WINDOW": "16", "HOME": "/home/me", "HF_TOKEN": "secret"}
 MARKER_ENV = "MADAKV_TEST_LAUNCH_RUN"  # MADAKV_*: the launcher sends it to every node, so survivors can be found
-POLICY_ARGS = ["--kv-policy", "madakv", "--kv-budget", "0.2", "--kv-window", "4"]
+# --kv-min-prompt 0: the test's prompt has 80 tokens, which the default floor (256) would keep whole.
+POLICY_ARGS = ["--kv-policy", "madakv", "--kv-budget", "0.2", "--kv-window", "4", "--kv-min-prompt", "0"]
 
 
 def _options(*argv: str) -> cli.Options:
