@@ -46,13 +46,13 @@ def synthetic_scores(layers: int, heads: int, prompt: int, visual_frac: float, w
 def run_plan(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor, tp: int = 1) -> dict[str, Any]:
     """The JSON report (contract: ``policy``, ``budget_tokens``, ``total_kept``, ``slots_kept``, ``layers``)."""
     layers, heads, n = scores.shape
-    sel = get_policy(cfg.policy).select(PolicyInputs.for_request(scores, visual, cfg), cfg)
+    inputs = PolicyInputs.for_request(scores, visual, cfg)
+    sel = get_policy(cfg.policy).select(inputs, cfg)
     counts = sel.all_head_counts
     slots = int(slot_count(counts, tp)[0])
     kept_visual = sel.kept_visual[0]
     budget = int(sel.budget[0])
-    inputs = PolicyInputs.for_request(scores, visual, cfg)
-    state = budget_state(inputs, cfg, sinks=cfg.policy != "random")
+    state = budget_state(inputs, cfg, sinks=cfg.policy != "random")  # for the report's sinks and kept window
     return {
         "policy": cfg.policy,
         "config": cfg.to_strings(),
