@@ -4,8 +4,9 @@
 
 Every policy x budget x task (``text``, ``image``, ``mixed`` and the needle-absent control) answers the same
 prompts greedily. Per run it records the answer, whether it is right (``benchmarks.needles.is_correct``), the
-prompt length n and the slots the request holds after compression (M, ``madakv_sglang.layout.slot_count``),
-so accuracy can be read against the nominal budget and against the physical slots. ``--path both`` runs the
+prompt length n and the slots the request holds after compression (M, ``madakv_sglang.layout.slot_count``,
+under the ``shared`` layout and, in the HF path, also under ``per-layer``), so accuracy can be read against the
+nominal budget and against the physical slots. ``--path both`` runs the
 engine too (one ``--kv-policy madakv`` server; each request overrides policy and budget through
 ``custom_params``) and reports where the two paths answer differently. ``h2o`` runs in the HF path only (a
 serving prefill does not compute every query's attention).
@@ -41,6 +42,9 @@ POLICIES: dict[str, dict[str, Any]] = {
     "madakv": {"policy": "madakv"},
     "madakv-mpa-off": {"policy": "madakv", "mpa": False},
     "madakv-hcc-off": {"policy": "madakv", "hcc": "off"},
+    "madakv-cap2": {"policy": "madakv", "cap": 2.0},
+    "madakv-cap4": {"policy": "madakv", "cap": 4.0},
+    "madakv-no-cap": {"policy": "madakv", "cap": None},
     "snapkv": {"policy": "snapkv"},
     "adakv": {"policy": "adakv"},
     "pyramidkv": {"policy": "pyramidkv"},
@@ -66,7 +70,9 @@ class Run:
     prediction: str
     correct: bool
     prompt_len: int
-    kept_slots: int
+    kept_slots: int  # under ``layout``
+    layout: str = "shared"
+    kept_slots_per_layer: int | None = None  # HF path: the same kept sets under the per-layer layout
 
 
 def policy_config(name: str, budget: float, window: int, sink: int = DEFAULT_SINK) -> PolicyConfig:
@@ -86,17 +92,20 @@ def run_hf(model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str
     cfg = policy_config(name, budget, window)
     result = hf.generate(model, inputs, cfg, MAX_NEW_TOKENS, eos_token_id=processor.tokenizer.eos_token_id)
     prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
-    kept = int(slot_count(result.selection.all_head_counts)[0])
+    counts = result.selection.all_head_counts
+    kept = {layout: int(slot_count(counts, layout=layout)[0]) for layout in ("shared", "per-layer")}
     return Run("hf", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
-               is_correct(prediction, sample.answer), result.prompt_len, kept)
+               is_correct(prediction, sample.answer), result.prompt_len, kept["shared"], "shared", kept["per-layer"])
 
 
 def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, window: int, max_new_tokens: int,
                sink: int = DEFAULT_SINK) -> tuple[str, int, int]:
     """POST ``request`` (``text``, ``image_data``, ...) to ``/generate`` greedily with the policy and budget in
-    ``custom_params``; returns (prediction, prompt tokens, slots the request kept after compression)."""
+    ``custom_params``; returns (prediction, prompt tokens, slots the request kept after compression under the
+    server's layout)."""
     config = policy_config(name, budget, window, sink)
-    custom = {f"kv_{key}": value for key, value in config.to_strings().items()}
+    # The layout is the server's (a request cannot change it): the slots reported are the server's layout's.
+    custom = {f"kv_{key}": value for key, value in config.to_strings().items() if key != "layout"}
     output = server.post("/generate", {**request, "sampling_params": {
         "temperature": 0, "max_new_tokens": max_new_tokens, "custom_params": custom}})
     prompt_len = int(output["meta_info"]["prompt_tokens"])
@@ -111,11 +120,12 @@ def engine_request(processor: Any, sample: NeedleSample) -> dict[str, Any]:
 
 
 def run_engine(server: Any, sample: NeedleSample, request: dict[str, Any], name: str, budget: float,
-               window: int) -> Run:
-    """``request``: the sample's :func:`engine_request`, built once for every policy and budget."""
+               window: int, layout: str) -> Run:
+    """``request``: the sample's :func:`engine_request`, built once for every policy and budget; ``layout``: the
+    server's."""
     prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, MAX_NEW_TOKENS)
     return Run("engine", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
-               is_correct(prediction, sample.answer), prompt_len, kept)
+               is_correct(prediction, sample.answer), prompt_len, kept, layout)
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -125,11 +135,16 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         groups[(run.path, run.policy, run.budget, run.task)].append(run)
     cells = []
     for (path, policy, budget, task), members in sorted(groups.items()):
-        cells.append({
+        cell = {
             "path": path, "policy": policy, "budget": budget, "task": task, "samples": len(members),
             "accuracy": sum(r.correct for r in members) / len(members),
+            "layout": members[0].layout,
             "slot_fraction": sum(r.kept_slots / r.prompt_len for r in members) / len(members),
-        })
+        }
+        if all(r.kept_slots_per_layer is not None for r in members):
+            cell["slot_fraction_per_layer"] = sum(
+                (r.kept_slots_per_layer or 0) / r.prompt_len for r in members) / len(members)
+        cells.append(cell)
     return {"cells": cells, "agreement": _agreement(runs)}
 
 
@@ -145,16 +160,22 @@ def _agreement(runs: list[Run]) -> dict[str, Any]:
 
 
 def markdown_table(summary: dict[str, Any], path: str, tasks: list[str] | None = None) -> str:
-    """One row per (policy, budget), accuracy per task, and the mean fraction of prompt slots kept."""
+    """One row per (policy, budget), accuracy per task, and the mean fraction of prompt slots kept under the
+    run's layout (and under ``per-layer`` too where the run measured it)."""
     cells = [c for c in summary["cells"] if c["path"] == path]
     tasks = [t for t in (tasks or TASKS) if any(c["task"] == t for c in cells)]
-    lines = [f"| policy | budget | {' | '.join(tasks)} | slots kept |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    layout = cells[0].get("layout", "shared") if cells else "shared"
+    both = bool(cells) and all("slot_fraction_per_layer" in c for c in cells)
+    columns = [f"slots kept ({layout})", *(["slots kept (per-layer)"] if both else [])]
+    lines = [f"| policy | budget | {' | '.join(tasks)} | {' | '.join(columns)} |",
+             "|---|---|" + "---|" * (len(tasks) + len(columns))]
     keys = sorted({(c["policy"], c["budget"]) for c in cells}, key=lambda k: (list(POLICIES).index(k[0]), k[1]))
     for policy, budget in keys:
         row = {c["task"]: c for c in cells if (c["policy"], c["budget"]) == (policy, budget)}
         accuracy = " | ".join(f"{row[t]['accuracy']:.2f}" if t in row else "-" for t in tasks)
-        slots = sum(c["slot_fraction"] for c in row.values()) / len(row)
-        lines.append(f"| {policy} | {budget:g} | {accuracy} | {slots:.1%} |")
+        keys_used = ["slot_fraction", *(["slot_fraction_per_layer"] if both else [])]
+        slots = " | ".join(f"{sum(c[k] for c in row.values()) / len(row):.1%}" for k in keys_used)
+        lines.append(f"| {policy} | {budget:g} | {accuracy} | {slots} |")
     return "\n".join(lines)
 
 
@@ -180,8 +201,13 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
     markers, dashes = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
     colours = [*plt.get_cmap("tab10").colors, "black"]  # one per policy: tab10 alone repeats after ten
     written = []
-    for x_key, label, name in (("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
-                               ("slot_fraction", "slots held after compression (M / n)", "accuracy_vs_slots.png")):
+    layout = cells[0].get("layout", "shared") if cells else "shared"
+    axes_wanted = [("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
+                   ("slot_fraction", f"slots held after compression (M / n, {layout} layout)", "accuracy_vs_slots.png")]
+    if cells and all("slot_fraction_per_layer" in c for c in cells):
+        axes_wanted.append(("slot_fraction_per_layer", "slots held after compression (M / n, per-layer layout)",
+                            "accuracy_vs_slots_per_layer.png"))
+    for x_key, label, name in axes_wanted:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), sharey=True, squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
             for index, policy in enumerate(POLICIES):
@@ -215,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--seed", type=int, default=10_000, help="first sample seed (keep clear of training seeds)")
     parser.add_argument("--path", choices=["hf", "engine", "both"], default="hf")
+    parser.add_argument("--layout", choices=["shared", "per-layer"], default="shared",
+                        help="the engine server's --kv-layout (the HF path reports both)")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="engine requests in flight; SGLang batches them (each request's eviction is its own)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
@@ -243,12 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         from madakv_sglang.serving import Server
 
         args.out.mkdir(parents=True, exist_ok=True)
-        server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window)]
+        server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window),
+                       "--kv-layout", args.layout]
         requests = [engine_request(processor, s) for s in samples]
         with Server(args.model, server_args, args.out / "server.log") as server:
             with ThreadPoolExecutor(args.concurrency) as pool:
                 for name, budget in tqdm([g for g in grid if g[0] not in HF_ONLY], desc="engine", file=sys.stderr):
-                    runs += pool.map(lambda s, r: run_engine(server, s, r, name, budget, args.window),
+                    runs += pool.map(lambda s, r: run_engine(server, s, r, name, budget, args.window, args.layout),
                                      samples, requests)
     summary = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -87,31 +87,38 @@ GPU_POOL = 65536
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """``full``, ``madakv:0.1``, ``snapkv:512``: a ``--kv-policy`` and its ``--kv-budget`` (None for full)."""
+    """``full``, ``madakv:0.1``, ``snapkv:512``, ``pyramidkv:0.1:per-layer``: a ``--kv-policy``, its ``--kv-budget``
+    (None for full) and, optionally, its ``--kv-layout`` (None: the server's default, ``shared``)."""
 
     policy: str
     budget: str | None = None
+    layout: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
         from madakv_sglang.config import Budget, ConfigError, PolicyConfig
 
-        name, _, budget = text.partition(":")
+        name, _, rest = text.partition(":")
+        budget, _, layout = rest.partition(":")
         if name == "full":
-            if budget:
-                raise ConfigError(f"{text!r}: full keeps every token; it takes no budget")
+            if rest:
+                raise ConfigError(f"{text!r}: full keeps every token; it takes no budget or layout")
             return cls("full")
-        config = PolicyConfig(policy=name, budget=Budget.parse(budget) if budget else PolicyConfig().budget)
-        return cls(name, str(config.budget))
+        config = PolicyConfig(policy=name, budget=Budget.parse(budget) if budget else PolicyConfig().budget,
+                              layout=layout or PolicyConfig().layout)
+        return cls(name, str(config.budget), layout or None)
 
     @property
     def label(self) -> str:
-        return self.policy if self.budget is None else f"{self.policy}:{self.budget}"
+        if self.budget is None:
+            return self.policy
+        return f"{self.policy}:{self.budget}" + (f":{self.layout}" if self.layout else "")
 
     def server_args(self, window: int | None = None) -> list[str]:
         if self.budget is None:
             return ["--kv-policy", "full"]
         args = ["--kv-policy", self.policy, "--kv-budget", self.budget]
+        args += ["--kv-layout", self.layout] if self.layout else []
         return args + (["--kv-window", str(window)] if window is not None else [])
 
 
@@ -567,7 +574,8 @@ def _policy_specs(texts: Sequence[str]) -> list[PolicySpec]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", nargs="+", default=["full", "madakv:0.1", "madakv:0.2", "snapkv:0.1"],
-                        help="POLICY[:BUDGET] each; must include full")
+                        help="POLICY[:BUDGET[:LAYOUT]] each (LAYOUT: shared, the default, or per-layer); must "
+                        "include full")
     parser.add_argument("--input-lens", nargs="+", type=int, default=[64, 256], help="random text tokens a prompt")
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--num-prompts", type=int, default=None,

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="prompts per length (depths spread evenly)")
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help="attention sinks of every scoring policy")
+    parser.add_argument("--layout", choices=["shared", "per-layer"], default="shared", help="the server's --kv-layout")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="requests in flight; SGLang batches them (each request's eviction is its own)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text_needle"))
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     started = time.perf_counter()
-    server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window)]
+    server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window),
+                   "--kv-layout", args.layout]
     with Server(args.model, server_args, args.out / "server.log") as server:
         with ThreadPoolExecutor(args.concurrency) as pool:
             for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          MAX_NEW_TOKENS, args.sink), prompts)
                 for (sentences, seed, _, key), (prediction, prompt_len, kept) in zip(prompts, replies, strict=True):
                     runs.append(Run("engine", name, budget, f"passkey-{sentences}", seed, key, prediction,
-                                    key in prediction, prompt_len, kept))
+                                    key in prediction, prompt_len, kept, args.layout))
     summary = summarize(runs)
     command = "python -m benchmarks.text_needle " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"command": command, "seconds": time.perf_counter() - started, "model": str(args.model),

@@ -1,9 +1,11 @@
 """Per-step decode index tables for head-wise attention (DESIGN §3), built on the device from per-batch inputs.
 
-Decode attends per virtual request v = b * H + h (request b, KV head h of this rank) over a list of flat cells
-(cell = slot * H + column): the request's packed prompt cells of that head and layer, then its dense tail, the
-cells ``req_to_token[row_b, pos] * H + h`` for ``pos`` in ``[start_b, seq_b)`` (``start_b`` = n_b, the
-compressed prompt length, or 0 for a request that was not compressed).
+Decode attends per virtual request v = b * H + h (request b, KV head h of this rank) over a list of flat cells:
+the request's packed prompt cells of that head and layer, then its dense tail, the cells of
+``req_to_token[row_b, pos]`` for ``pos`` in ``[start_b, seq_b)`` (``start_b`` = n_b, the compressed prompt
+length, or 0 for a request that was not compressed). A tail cell of layer l is
+``l * layer_cells + slot * H + h``: ``layer_cells`` is 0 in the ``per-layer`` layout (ids inside the layer's own
+buffer) and ``rows * H`` in the ``shared`` one (ids into the all-layer allocation, ``madakv_sglang.layout``).
 
 Only ``seq_lens`` (and the tail slots SGLang writes into ``req_to_token``) change from one step to the next, so
 everything else is gathered once per batch composition into :class:`IndexInputs` and a step is a fixed number
@@ -40,7 +42,10 @@ class IndexInputs:
         seg_start: ``[L, B, H]`` int64 offset in ``cells`` of head h's packed cells in layer l.
         seg_len: ``[L, B, H]`` int64 number of those cells (0 for an uncompressed request).
         cells: ``[P]`` int32 packed cells of every request and layer, request-major then layer (one dummy
-            entry when there are none). Cell ids stay below 2^31, as FlashInfer's int32 indices need.
+            entry when there are none), each relative to its layer's base ``l * layer_cells`` (so negative
+            where a shared-layout entry of layer l lives in an earlier layer's buffer). Cell ids stay below
+            2^31, as FlashInfer's int32 indices need.
+        layer_cells: cells per layer buffer in the ``shared`` layout, 0 in ``per-layer``.
     """
 
     rows: Tensor
@@ -48,6 +53,7 @@ class IndexInputs:
     seg_start: Tensor
     seg_len: Tensor
     cells: Tensor
+    layer_cells: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -68,6 +74,7 @@ def build_index_inputs(
     req_to_token: Tensor,
     num_layers: int,
     num_heads: int,
+    layer_cells: int = 0,
 ) -> IndexInputs:
     """Gather the per-batch inputs once, when the batch composition changes.
 
@@ -76,6 +83,7 @@ def build_index_inputs(
         rows: ``[B]`` the requests' ``req_to_token`` rows (``forward_batch.req_pool_indices``).
         req_to_token: ``[rows, context]`` SGLang's map; only its device is used here.
         num_layers: L; num_heads: H, this rank's KV heads.
+        layer_cells: cells per layer buffer of a ``shared`` pool (its packed ids are absolute), 0 otherwise.
     """
     device = req_to_token.device
     batch = len(packed)
@@ -84,7 +92,7 @@ def build_index_inputs(
     seg_start = torch.zeros(num_layers, batch, num_heads, dtype=torch.long, device=device)
     seg_len = torch.zeros_like(seg_start)
     compressed = [(b, p) for b, p in enumerate(packed) if p is not None]
-    pieces = [c for _, p in compressed for c in p.cells]
+    pieces = [c.long() - layer * layer_cells for _, p in compressed for layer, c in enumerate(p.cells)]
     if compressed:
         indptr = torch.stack([p.indptr.long().to(device) for _, p in compressed])  # [Bc, L, H + 1]
         if indptr.shape[1:] != (num_layers, num_heads + 1):
@@ -99,7 +107,8 @@ def build_index_inputs(
     # One dummy entry when nothing is packed, so every kernel gets a valid pointer.
     cells = torch.cat(pieces) if pieces else torch.zeros(1, dtype=torch.int32)
     cells = cells.to(device=device, dtype=torch.int32)
-    return IndexInputs(rows=rows_t, tail_start=tail_start, seg_start=seg_start, seg_len=seg_len, cells=cells)
+    return IndexInputs(rows=rows_t, tail_start=tail_start, seg_start=seg_start, seg_len=seg_len, cells=cells,
+                       layer_cells=layer_cells)
 
 
 def decode_index_tables(
@@ -166,7 +175,13 @@ def decode_index_tables(
     sizes = end - begin.clamp(max=capacity)
     index_dtype = torch.int32 if source.numel() < 2**31 else torch.long
     index = concat_ranges(starts.reshape(-1), sizes.reshape(-1), layers * capacity, dtype=index_dtype)
-    return indptr.to(dtype), source.index_select(0, index).view(layers, capacity)
+    indices = source.index_select(0, index).view(layers, capacity)
+    if inputs.layer_cells:
+        # Layer l's entries are relative to its base in the shared allocation; the padding past nnz stays 0.
+        used = torch.arange(capacity, device=device)[None, :] < nnz[:, None]
+        base = torch.arange(layers, device=device, dtype=dtype)[:, None] * inputs.layer_cells
+        indices = indices + base * used
+    return indptr.to(dtype), indices
 
 
 def concat_ranges(starts: Tensor, sizes: Tensor, total: int, dtype: torch.dtype = torch.long) -> Tensor:

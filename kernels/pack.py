@@ -1,10 +1,13 @@
 """Packing the kept K/V cells of every layer at once (DESIGN §3): torch version.
 
-``layout.pack_plan`` says, per layer, which flat cells move where (cell = slot * H + column of the layer's
-``[slots, H, D]`` buffer). Sources and destinations overlap (the targets are the request's first prompt slots),
-so every move reads from a temporary gathered before any write. Layers never share cells, which is what makes
-one gather and one scatter over all layers equal to ``layout.apply_pack`` applied layer by layer.
-The Triton version (``triton_pack``) does the same with one launch each over all layers and K and V.
+``layout.pack_plan`` says which cells move where. Sources and destinations overlap (the targets are the
+request's first prompt slots), so every move reads from a temporary gathered before any write.
+
+- ``per-layer`` layout: cell = slot * H + column of the layer's ``[slots, H, D]`` buffer; layers never share
+  cells, which is what makes one gather and one scatter over all layers (:func:`pack_cells`) equal to
+  ``layout.apply_pack`` applied layer by layer. The Triton version (``triton_pack``) does the same with one
+  launch each over all layers and K and V.
+- ``shared`` layout: cell ids address the all-layer allocation directly (:func:`pack_shared_cells`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ def pack_cells(k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], moves: Pa
             lo, hi = moves.bounds[index], moves.bounds[index + 1]
             flat = buffer.view(-1, buffer.shape[-1])
             flat[moves.dst[lo:hi]] = flat[moves.src[lo:hi]]
+
+
+def pack_shared_cells(k_cells: Tensor, v_cells: Tensor, src: Tensor, dst: Tensor) -> None:
+    """``shared`` layout: move cells ``src -> dst`` of the all-layer views ``[L * rows * H, D]`` of K and V, for
+    every request of a batch at once (their cells never overlap). The gather on the right is the temporary."""
+    for cells in (k_cells, v_cells):
+        cells[dst] = cells[src]
 
 
 def layer_stack_view(buffers: Sequence[Tensor]) -> Tensor | None:

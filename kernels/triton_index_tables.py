@@ -52,21 +52,24 @@ def _indices_kernel(
     capacity,
     num_virtual,
     num_heads,
+    layer_cells,
     BLOCK: tl.constexpr,
 ):
-    # One program per (virtual request, layer): its packed segment, then its dense tail.
+    # One program per (virtual request, layer): its packed segment, then its dense tail. Cells are relative to the
+    # layer's base in a shared pool (layer_cells = 0 in the per-layer layout).
     virtual = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
     request = virtual // num_heads
     head = virtual % num_heads
     out = indices_ptr + layer * capacity
+    base = layer * layer_cells
     first = tl.load(indptr_ptr + layer * (num_virtual + 1) + virtual).to(tl.int64)
     seg_start = tl.load(seg_start_ptr + layer * num_virtual + virtual).to(tl.int64)
     seg_len = tl.load(seg_len_ptr + layer * num_virtual + virtual).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     for j in range(0, seg_len, BLOCK):
         mask = j + offs < seg_len
-        cell = tl.load(cells_ptr + seg_start + j + offs, mask=mask, other=0)
+        cell = tl.load(cells_ptr + seg_start + j + offs, mask=mask, other=0).to(tl.int64) + base
         dst = first + j + offs
         tl.store(out + dst, cell.to(indices_ptr.dtype.element_ty), mask=mask & (dst < capacity))
     row = tl.load(rows_ptr + request).to(tl.int64)
@@ -78,7 +81,8 @@ def _indices_kernel(
         mask = t + offs < tail
         slot = tl.load(slots + t + offs, mask=mask, other=0).to(tl.int64)
         dst = first + t + offs
-        tl.store(out + dst, (slot * num_heads + head).to(indices_ptr.dtype.element_ty), mask=mask & (dst < capacity))
+        tl.store(out + dst, (base + slot * num_heads + head).to(indices_ptr.dtype.element_ty),
+                 mask=mask & (dst < capacity))
 
 
 def decode_index_tables_triton(
@@ -110,6 +114,6 @@ def decode_index_tables_triton(
     )
     _indices_kernel[(virtual, layers)](
         inputs.cells, inputs.seg_start, inputs.seg_len, inputs.rows, inputs.tail_start, seq_lens,
-        req_to_token, req_to_token.stride(0), indptr, indices, indices.shape[1], virtual, heads,
+        req_to_token, req_to_token.stride(0), indptr, indices, indices.shape[1], virtual, heads, inputs.layer_cells,
         BLOCK=block,
     )

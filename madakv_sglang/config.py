@@ -17,11 +17,13 @@ HccMode = Literal["global", "paper", "off"]
 HeadSplit = Literal["uniform", "demand"]
 Pooling = Literal["none", "max", "avg"]
 GqaReduce = Literal["mean", "max"]
+Layout = Literal["shared", "per-layer"]
 
 HCC_MODES: tuple[str, ...] = ("global", "paper", "off")
 HEAD_SPLITS: tuple[str, ...] = ("uniform", "demand")
 POOLINGS: tuple[str, ...] = ("none", "max", "avg")
 GQA_REDUCES: tuple[str, ...] = ("mean", "max")
+LAYOUTS: tuple[str, ...] = ("shared", "per-layer")
 
 
 class ConfigError(ValueError):
@@ -103,7 +105,8 @@ class PolicyConfig:
         pooling / pool_kernel: 1-D pooling of scores for ranking only, never across a modality boundary.
         gqa: how the G query heads of a KV group are reduced to one score (mean or max).
         hcc: layer allotment, ``global`` water-filling, the ``paper`` recurrence, or ``off`` (uniform).
-        cap: per-layer cap as a multiple of H*B; bounds the slots a request holds (DESIGN §3).
+        cap: per-layer cap as a multiple of H*B, or ``None`` (no cap but the prompt). Under the ``per-layer``
+            layout it bounds the slots a request holds; under ``shared`` it only bounds how unevenly HCC allots.
         head_split: ``uniform`` (paper) or ``demand`` (proportional to per-head demand).
         mpa: modality preference adaptation on/off (ablation).
         min_keep: per-head floor, and a budget below it is raised to it; unset (the default), every head keeps
@@ -117,6 +120,10 @@ class PolicyConfig:
         seed: seed of the ``random`` policy.
         pyramid_beta: PyramidKV's ratio between the largest and the smallest layer budget's spread.
         adakv_alpha: AdaKV's safeguard, the share of B every head keeps before the cross-head top-k.
+        layout: where the kept cells live in SGLang's pool. ``shared``: the cells of all layers are one allocation
+            and a request holds ceil(sum of kept cells / (L * H_r)) slots; ``per-layer``: each layer packs into
+            its own buffer and a request holds its fullest layer's ceil(C_l / H_r) slots in every layer. A
+            property of the pool (the server's, never a request's).
     """
 
     policy: str = "madakv"
@@ -127,7 +134,7 @@ class PolicyConfig:
     pool_kernel: int = 7
     gqa: GqaReduce = "mean"
     hcc: HccMode = "global"
-    cap: float = 1.25
+    cap: float | None = 1.25
     head_split: HeadSplit = "uniform"
     mpa: bool = True
     min_keep: int | None = None
@@ -138,6 +145,7 @@ class PolicyConfig:
     seed: int = 0
     pyramid_beta: int = 20
     adakv_alpha: float = 0.2
+    layout: Layout = "shared"
 
     def __post_init__(self) -> None:
         from madakv_sglang.policies.registry import policy_names
@@ -155,8 +163,8 @@ class PolicyConfig:
             raise ConfigError(f"pool_kernel: must be odd so pooling is centred, got {self.pool_kernel}")
         _check_choice("gqa", self.gqa, GQA_REDUCES)
         _check_choice("hcc", self.hcc, HCC_MODES)
-        if not (1.0 <= self.cap <= 64.0):
-            raise ConfigError(f"cap: must be in [1, 64] (a multiple of H*B), got {self.cap}")
+        if self.cap is not None and not (1.0 <= self.cap <= 64.0):
+            raise ConfigError(f"cap: must be in [1, 64] (a multiple of H*B) or none, got {self.cap}")
         _check_choice("head_split", self.head_split, HEAD_SPLITS)
         if self.min_keep is not None:
             _check_int("min_keep", self.min_keep, lo=1)
@@ -169,11 +177,13 @@ class PolicyConfig:
         _check_int("pyramid_beta", self.pyramid_beta, lo=1)
         if not (0.0 <= self.adakv_alpha <= 1.0):
             raise ConfigError(f"adakv_alpha: must be in [0, 1], got {self.adakv_alpha}")
+        _check_choice("layout", self.layout, LAYOUTS)
 
     @property
-    def cap_fraction(self) -> Fraction:
-        """The cap as an exact fraction, so caps are computed in integers (``floor(cap * H * B)``)."""
-        return Fraction(str(self.cap))
+    def cap_fraction(self) -> Fraction | None:
+        """The cap as an exact fraction, so caps are computed in integers (``floor(cap * H * B)``); ``None``
+        when there is no cap."""
+        return None if self.cap is None else Fraction(str(self.cap))
 
     @property
     def window_share_fraction(self) -> Fraction:
@@ -216,7 +226,8 @@ class PolicyConfig:
             if isinstance(value, bool):
                 out[f.name] = "on" if value else "off"
             elif value is None:
-                continue
+                if f.name in _NONE_TEXT:
+                    out[f.name] = "none"
             else:
                 out[f.name] = str(value)
         return out
@@ -232,6 +243,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _parse_cap(value: Any) -> float | None:
+    return None if str(value).strip().lower() == "none" else float(value)
+
+
+# Fields whose None is a setting of its own that differs from the default, so its text form must carry it.
+_NONE_TEXT = frozenset({"cap"})
+
 _FIELD_PARSERS: dict[str, Any] = {
     "policy": str,
     "budget": Budget.parse,
@@ -241,7 +259,7 @@ _FIELD_PARSERS: dict[str, Any] = {
     "pool_kernel": int,
     "gqa": str,
     "hcc": str,
-    "cap": float,
+    "cap": _parse_cap,
     "head_split": str,
     "mpa": _parse_bool,
     "min_keep": int,
@@ -252,6 +270,7 @@ _FIELD_PARSERS: dict[str, Any] = {
     "seed": int,
     "pyramid_beta": int,
     "adakv_alpha": float,
+    "layout": str,
 }
 
 
@@ -268,7 +287,7 @@ _HELP = {
     "pool_kernel": "pooling kernel size (odd)",
     "gqa": "reduction of the query heads of a KV group",
     "hcc": "layer allotment: global water-filling, the paper's recurrence, or off",
-    "cap": "per-layer cap as a multiple of H*B",
+    "cap": "per-layer cap as a multiple of H*B, or none",
     "head_split": "how a layer's cells are split over its heads",
     "mpa": "modality preference adaptation (on/off)",
     "min_keep": "per-head floor; a budget below it is raised to it (default: none, every head keeps its sinks "
@@ -280,8 +299,10 @@ _HELP = {
     "seed": "seed of the random policy",
     "pyramid_beta": "PyramidKV's beta",
     "adakv_alpha": "AdaKV's safeguard share of B",
+    "layout": "where kept cells live: shared (all layers' cells are one pool) or per-layer (each layer's own)",
 }
-_CHOICES = {"pooling": POOLINGS, "gqa": GQA_REDUCES, "hcc": HCC_MODES, "head_split": HEAD_SPLITS, "mpa": ("on", "off")}
+_CHOICES = {"pooling": POOLINGS, "gqa": GQA_REDUCES, "hcc": HCC_MODES, "head_split": HEAD_SPLITS, "mpa": ("on", "off"),
+            "layout": LAYOUTS}
 
 
 def policy_flag(field_name: str, prefix: str = "") -> str:

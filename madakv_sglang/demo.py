@@ -46,7 +46,7 @@ MAX_TOTAL_TOKENS = 8192
 # Written by madakv_sglang.sglang.reclaim for every compressed prompt.
 RECLAIM_LINE = re.compile(
     r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) -> (?P<m>\d+) "
-    r"\((?P<pct>[\d.]+)% reclaimed, waste (?P<waste>\d+) cells\)"
+    r"\((?P<pct>[\d.]+)% reclaimed, waste (?P<waste>\d+) cells, layout (?P<layout>[\w-]+)\)"
 )
 # Written for a prompt the skip rule serves uncompressed (--kv-min-prompt, --kv-min-reclaim).
 SKIP_LINE = re.compile(r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) kept whole \((?P<reason>[^:]+):")

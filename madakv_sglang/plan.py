@@ -44,17 +44,19 @@ def synthetic_scores(layers: int, heads: int, prompt: int, visual_frac: float, w
 
 
 def run_plan(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor, tp: int = 1) -> dict[str, Any]:
-    """The JSON report (contract: ``policy``, ``budget_tokens``, ``total_kept``, ``slots_kept``, ``layers``)."""
+    """The JSON report (contract: ``policy``, ``layout``, ``budget_tokens``, ``total_kept``, ``slots_kept``,
+    ``slots_reclaimed``, ``packing_waste``, ``layers``)."""
     layers, heads, n = scores.shape
     inputs = PolicyInputs.for_request(scores, visual, cfg)
     sel = get_policy(cfg.policy).select(inputs, cfg)
     counts = sel.all_head_counts
-    slots = int(slot_count(counts, tp)[0])
+    slots = int(slot_count(counts, tp, layout=cfg.layout)[0])
     kept_visual = sel.kept_visual[0]
     budget = int(sel.budget[0])
     state = budget_state(inputs, cfg, sinks=cfg.policy != "random")  # for the report's sinks and kept window
     return {
         "policy": cfg.policy,
+        "layout": cfg.layout,
         "config": cfg.to_strings(),
         "prompt_len": n,
         "visual_tokens": int(visual.sum()),
@@ -104,8 +106,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"kept {kept} of {cells} budget cells ({100 * kept / max(cells, 1):.1f}%); "
         f"visual {sum(sum(r['kept_visual']) for r in report['layers'])}, "
         f"text {sum(sum(r['kept_text']) for r in report['layers'])}",
-        f"slots held M={slots} of {n} prompt slots ({100 * (n - slots) / n:.1f}% reclaimed); "
-        f"packing waste {report['packing_waste']} cells",
+        f"slots held M={slots} of {n} prompt slots ({100 * (n - slots) / n:.1f}% reclaimed, layout "
+        f"{report['layout']}); packing waste {report['packing_waste']} cells",
     ]
     return "\n".join(lines)
 

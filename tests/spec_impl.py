@@ -146,21 +146,22 @@ def spec_select(
             k_t = _coverage([psi[i] for i in txt_rest], cfg.theta)
             demand[l][h] = W + S + k_v + k_t
 
-    cap = Fraction(str(cfg.cap))
+    cap = None if cfg.cap is None else Fraction(str(cfg.cap))  # None: no cap but the prompt
     if hcc == "off" and policy != "pyramidkv":
         layer_total = [H * B] * L
     elif policy == "pyramidkv":
         weights = [1] * L if L == 1 else [(L - 1) + (2 * cfg.pyramid_beta - 2) * (L - 1 - l) for l in range(L)]
         layer_total = _water_fill(weights, [H * floor] * L, [H * n] * L, min(L * H * B, L * H * n))
     elif hcc == "global":
-        hi = min(H * n, math.floor(cap * H * B))
+        hi = H * n if cap is None else min(H * n, math.floor(cap * H * B))
         layer_total = _water_fill([sum(d) for d in demand], [H * floor] * L, [hi] * L, min(L * H * B, L * hi))
     else:  # paper
         remaining = L * H * B
         layer_total = []
         for l in range(1, L + 1):
-            hi = min(H * n, remaining - (L - l) * H * floor, math.floor(cap * remaining / (L - l + 1)),
-                     math.floor(cap * H * B))
+            hi = min(H * n, remaining - (L - l) * H * floor)
+            if cap is not None:
+                hi = min(hi, math.floor(cap * remaining / (L - l + 1)), math.floor(cap * H * B))
             t = min(max(sum(demand[l - 1]), H * floor), hi)
             layer_total.append(t)
             remaining -= t

@@ -28,8 +28,17 @@ def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -
     madakv = [c for c in cells if c["policy"] == "madakv"]
     full = [c for c in cells if c["policy"] == "full"]
     assert all(c["slot_fraction"] < 0.5 for c in madakv) and all(c["slot_fraction"] == 1.0 for c in full)
+    # The engine (shared layout, the default) holds what the HF path computes for shared from the same kept
+    # sets; per-layer, measured in the HF path only, never holds less.
+    hf = {(c["policy"], c["task"]): c for c in cells if c["path"] == "hf"}
+    for c in cells:
+        if c["path"] == "engine":
+            assert c["layout"] == "shared" and c["slot_fraction"] == hf[(c["policy"], c["task"])]["slot_fraction"]
+        else:
+            assert c["slot_fraction_per_layer"] >= c["slot_fraction"]
     agreement = record["summary"]["agreement"]
     # 2 prompts x 4 tasks x (full, madakv): every engine run is paired with the HF run of the same prompt
     assert agreement["pairs"] == 16 and agreement["differences"] == [], agreement
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0 and (out / "accuracy_vs_slots.png").exists()
+    assert (out / "accuracy_vs_slots_per_layer.png").exists()
     assert "| madakv | 0.2 |" in (out / "table.md").read_text()

@@ -37,14 +37,17 @@ LOG = """\
     ("madakv:0.1", "madakv", "0.1", "madakv:0.1"),
     ("snapkv:512", "snapkv", "512", "snapkv:512"),
     ("madakv", "madakv", "0.2", "madakv:0.2"),  # the server's default budget
+    ("pyramidkv:0.1:per-layer", "pyramidkv", "0.1", "pyramidkv:0.1:per-layer"),
 ])
 def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: str | None, label: str) -> None:
     spec = PolicySpec.parse(text)
     assert (spec.policy, spec.budget, spec.label) == (policy, budget, label)
     assert spec.server_args()[:2] == ["--kv-policy", policy]
+    assert ("--kv-layout" in spec.server_args()) == label.endswith(":per-layer")
 
 
-@pytest.mark.parametrize("text", ["nope:0.1", "madakv:1.5", "madakv:abc", "full:0.1"])
+@pytest.mark.parametrize("text", ["nope:0.1", "madakv:1.5", "madakv:abc", "full:0.1", "madakv:0.1:paged",
+                                  "full::shared"])
 def test_policy_spec_refuses_bad_values(text: str) -> None:
     with pytest.raises(ConfigError):
         PolicySpec.parse(text)

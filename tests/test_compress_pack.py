@@ -12,17 +12,19 @@ from madakv_sglang.layout import slot_count
 from madakv_sglang.policies.base import PolicyInputs
 from madakv_sglang.policies import get_policy
 from madakv_sglang.reference import compress_layer, headwise_decode
-from madakv_sglang.sglang.compress import Finishing, Geometry, decide, pack
+from madakv_sglang.sglang.compress import Finishing, Geometry, PoolView, decide, pack_batch
 from madakv_sglang.sglang.ledger import Replay
 
 LAYERS, HEADS, DIM = 3, 2, 8
 
 
-def _pool(slots: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _pool(slots: int, seed: int, layout: str = "per-layer") -> PoolView:
+    """Random K/V; ``shared`` as SGLang's pool is under that layout (``sglang.pool``): one ``[2, L, ...]`` block."""
     gen = torch.Generator().manual_seed(seed)
-    keys = [torch.randn(slots, HEADS, DIM, generator=gen, dtype=torch.float64) for _ in range(LAYERS)]
-    values = [torch.randn(slots, HEADS, DIM, generator=gen, dtype=torch.float64) for _ in range(LAYERS)]
-    return keys, values
+    block = torch.randn(2, LAYERS, slots, HEADS, DIM, generator=gen, dtype=torch.float64)
+    if layout == "shared":
+        return PoolView.of(list(block[0].unbind(0)), list(block[1].unbind(0)), layout)
+    return PoolView.of([k.clone() for k in block[0]], [v.clone() for v in block[1]], layout)
 
 
 def _request(row: int, n: int, seed: int, policy: str = "madakv", budget: str = "0.25") -> Finishing:
@@ -49,48 +51,78 @@ def test_batched_decisions_equal_single_request_policy(policy: str) -> None:
         assert torch.equal(decision.all_head_counts, alone.all_head_counts[0])
 
 
-def test_pack_moves_exactly_the_kept_cells_and_decode_matches_dense() -> None:
+@pytest.mark.parametrize("layout", ["shared", "per-layer"])
+def test_pack_moves_exactly_the_kept_cells_and_decode_matches_dense(layout: str) -> None:
     n, total_slots = 50, 200
-    keys, values = _pool(total_slots, seed=7)
-    dense_k = [k.clone() for k in keys]
-    dense_v = [v.clone() for v in values]
-    row_slots = torch.randperm(total_slots - 1, generator=torch.Generator().manual_seed(3))[:n] + 1
-    request = _request(5, n, 11)
-    (decision,) = decide([request], GEOMETRY)
-    packed = pack(request, decision, row_slots, keys, values, tp_size=1)
-    assert packed is not None
-    assert packed.slots == int(slot_count(decision.all_head_counts[None])[0])
-    assert torch.equal(packed.pending_free, row_slots[packed.slots : n])
+    pool = _pool(total_slots, seed=7, layout=layout)
+    dense_k = [k.clone() for k in pool.k_layers]
+    dense_v = [v.clone() for v in pool.v_layers]
+    rows_map = torch.zeros(8, 64, dtype=torch.int32)
+    order = torch.randperm(total_slots - 1, generator=torch.Generator().manual_seed(3)) + 1
+    rows_map[5, :n], rows_map[2, :30] = order[:n], order[n : n + 30]
+    requests = [_request(5, n, 11), _request(2, 30, 12, policy="pyramidkv")]
+    decisions = decide(requests, GEOMETRY)
+    packed_rows = pack_batch(requests, decisions, rows_map, pool, tp_size=1)
     query = torch.randn(1, 2 * HEADS, DIM, dtype=torch.float64)
-    for layer in range(LAYERS):
-        expect = compress_layer(dense_k[layer][row_slots], dense_v[layer][row_slots], decision.keep[layer])
-        flat_k = keys[layer].view(-1, DIM)
-        flat_v = values[layer].view(-1, DIM)
-        for head in range(HEADS):
-            lo, hi = packed.indptr[layer, head], packed.indptr[layer, head + 1]
-            got = flat_k[packed.cells[layer][lo:hi]]
-            want = expect.keys[expect.indptr[head] : expect.indptr[head + 1]]
-            assert torch.equal(got, want)  # moved, not recomputed: bit-exact
-            assert torch.equal(flat_v[packed.cells[layer][lo:hi]], expect.values[expect.indptr[head] : expect.indptr[head + 1]])
-        # every packed cell lies in the request's first M slots
-        assert bool(torch.isin(packed.cells[layer] // HEADS, row_slots[: packed.slots]).all())
-        out, _ = headwise_decode(query, flat_k, flat_v, packed.indptr[layer], packed.cells[layer], HEADS, DIM**-0.5)
-        masked = []
-        for head in range(HEADS):
-            kept = decision.keep[layer, head]
-            k = dense_k[layer][row_slots][kept, head]
-            v = dense_v[layer][row_slots][kept, head]
-            q = query[0, head * 2 : head * 2 + 2]
-            masked.append(torch.softmax(q @ k.T * DIM**-0.5, dim=-1) @ v)
-        torch.testing.assert_close(out[0], torch.cat(masked), rtol=0, atol=1e-12)  # fp64: summation order only
+    for request, decision, packed in zip(requests, decisions, packed_rows, strict=True):
+        row_slots = rows_map[request.row, : request.prompt_len].long()
+        assert packed is not None
+        assert packed.slots == int(slot_count(decision.all_head_counts[None], layout=layout)[0])
+        assert torch.equal(packed.pending_free, rows_map[request.row, packed.slots : request.prompt_len])
+        for layer in range(LAYERS):
+            if layout == "shared":
+                flat_k, flat_v = pool.k_cells, pool.v_cells
+                slot_of = packed.cells[layer] // HEADS % total_slots
+            else:
+                flat_k, flat_v = pool.k_layers[layer].view(-1, DIM), pool.v_layers[layer].view(-1, DIM)
+                slot_of = packed.cells[layer] // HEADS
+            expect = compress_layer(dense_k[layer][row_slots], dense_v[layer][row_slots], decision.keep[layer])
+            for head in range(HEADS):
+                lo, hi = packed.indptr[layer, head], packed.indptr[layer, head + 1]
+                cells = packed.cells[layer][lo:hi]
+                assert torch.equal(flat_k[cells], expect.keys[expect.indptr[head] : expect.indptr[head + 1]])  # moved: bit-exact
+                assert torch.equal(flat_v[cells], expect.values[expect.indptr[head] : expect.indptr[head + 1]])
+            assert bool(torch.isin(slot_of, row_slots[: packed.slots]).all()), "packed cells lie in the first M slots"
+            out, _ = headwise_decode(query, flat_k, flat_v, packed.indptr[layer], packed.cells[layer], HEADS, DIM**-0.5)
+            masked = []
+            for head in range(HEADS):
+                kept = decision.keep[layer, head]
+                k = dense_k[layer][row_slots][kept, head]
+                v = dense_v[layer][row_slots][kept, head]
+                q = query[0, head * 2 : head * 2 + 2]
+                masked.append(torch.softmax(q @ k.T * DIM**-0.5, dim=-1) @ v)
+            torch.testing.assert_close(out[0], torch.cat(masked), rtol=0, atol=1e-12)  # fp64: summation order only
+
+
+def test_shared_and_per_layer_hold_the_cells_the_layout_formula_says() -> None:
+    """pyramidkv's uneven layers: per-layer holds its fullest layer's slots, shared the mean over layers."""
+    request = _request(1, 60, 4, policy="pyramidkv")
+    (decision,) = decide([request], GEOMETRY)
+    counts = decision.all_head_counts
+    rows_map = torch.arange(64, dtype=torch.int32)[None].repeat(2, 1) + 1
+    held = {}
+    for layout in ("shared", "per-layer"):
+        (packed,) = pack_batch([request], [decision], rows_map, _pool(100, 1, layout), tp_size=1)
+        assert packed is not None
+        held[layout] = packed.slots
+        assert packed.waste_cells == packed.slots * LAYERS * HEADS - int(counts.sum())
+    assert held["shared"] == -(-int(counts.sum()) // (LAYERS * HEADS))
+    assert held["per-layer"] == -(-int(counts.sum(-1).max()) // HEADS) > held["shared"]
+
+
+def test_a_pool_of_separate_layers_cannot_run_shared() -> None:
+    separate = [torch.zeros(10, HEADS, DIM) for _ in range(LAYERS)]
+    with pytest.raises(ValueError, match="views of one allocation"):
+        PoolView.of(separate, [torch.zeros(10, HEADS, DIM) for _ in range(LAYERS)], "shared")
 
 
 def test_pack_returns_none_when_everything_is_kept() -> None:
-    keys, values = _pool(40, seed=1)
     request = _request(1, 20, 5, budget="1.0")
     (decision,) = decide([request], GEOMETRY)
     assert bool(decision.keep.all())
-    assert pack(request, decision, torch.arange(1, 21), keys, values, tp_size=1) is None
+    rows_map = torch.arange(1, 22, dtype=torch.int32)[None].repeat(2, 1)
+    for layout in ("shared", "per-layer"):
+        assert pack_batch([request], [decision], rows_map, _pool(40, 1, layout), tp_size=1) == [None]
 
 
 def test_replay_keeps_the_stored_prompt_decision_and_every_later_position() -> None:

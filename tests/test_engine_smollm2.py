@@ -112,7 +112,7 @@ def test_full_budget_override_answers_like_stock(madakv: Server, stock_answer: d
     assert "full-budget" not in reclaim_lines(madakv.log())
     assert got["meta_info"]["madakv"] == [{"prompt_slots": len(prompt), "kept_slots": len(prompt),
                                             "reclaimed_slots": 0, "packing_waste_cells": 0, "compress_ms": 0.0,
-                                            "skipped": "small saving"}]
+                                            "layout": "shared", "skipped": "small saving"}]
 
 
 def test_budget_02_reclaims_and_answers(madakv: Server, stock_answer: dict[str, Any], prompt: list[int]) -> None:

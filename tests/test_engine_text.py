@@ -146,9 +146,50 @@ def test_request_holds_exactly_the_slots_plan_reports(madakv: Server, dump_dir: 
     prompt_slots, kept_slots = _reclaim_lines(madakv.log())["plan-check"]
     assert prompt_slots == 160
     assert kept_slots == report["slots_kept"]
+    layers, heads, _ = record["keep"].shape  # shared layout: the kept cells of all layers, L * H per slot
+    assert kept_slots == math.ceil(int(record["keep"].sum()) / (layers * heads))
     (summary,) = output["meta_info"]["madakv"]  # the same numbers reach the client
     assert (summary["prompt_slots"], summary["kept_slots"]) == (160, report["slots_kept"])
     assert summary["reclaimed_slots"] == 160 - report["slots_kept"]
+
+
+@pytest.fixture(scope="module")
+def per_layer_dumps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("decisions-per-layer")
+
+
+@pytest.fixture(scope="module")
+def per_layer(checkpoint: Path, per_layer_dumps: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    log = tmp_path_factory.mktemp("logs") / "per-layer.log"
+    args = [*BASE_ARGS, *MADAKV_ARGS, "--kv-layout", "per-layer"]
+    with Server(checkpoint, args, log, env={"MADAKV_DEBUG_DUMP_DIR": str(per_layer_dumps)}) as server:
+        yield server
+
+
+def test_layouts_move_cells_but_never_change_the_choice_or_the_output(madakv: Server, dump_dir: Path,
+                                                                      per_layer: Server, per_layer_dumps: Path) -> None:
+    """The same prompts on a ``shared`` and a ``per-layer`` server: the same kept sets, bit-identical logprobs (the
+    decode gathers the same values in the same order, only from other cells), and each holds the slots its own
+    formula gives for those kept sets: the mean over layers, or the fullest layer."""
+    lengths = (197, 100, 260, 57)
+    for index, ids in enumerate(_prompts(lengths, seed=6)):
+        rid = f"layouts-{index}"
+        shared, separate = _generate(madakv, ids, rid=rid), _generate(per_layer, ids, rid=rid)
+        assert separate["output_ids"] == shared["output_ids"]
+        assert separate["meta_info"]["output_token_logprobs"] == shared["meta_info"]["output_token_logprobs"]
+        keep = torch.load(dump_dir / f"{rid}.pt")["keep"]
+        assert torch.equal(torch.load(per_layer_dumps / f"{rid}.pt")["keep"], keep)
+        layers, heads, _ = keep.shape
+        counts = keep.sum(dim=-1)
+        want = {"shared": math.ceil(int(counts.sum()) / (layers * heads)),
+                "per-layer": math.ceil(int(counts.sum(dim=-1).max()) / heads)}
+        for layout, output in (("shared", shared), ("per-layer", separate)):
+            (summary,) = output["meta_info"]["madakv"]
+            assert summary["layout"] == layout
+            assert summary["kept_slots"] == want[layout], f"{rid} n={len(ids)} under {layout}"
+            assert summary["packing_waste_cells"] == want[layout] * layers * heads - int(counts.sum())
+        assert want["shared"] <= want["per-layer"]
+    assert "layout per-layer)" in per_layer.log() and "layout shared)" in madakv.log()
 
 
 # ---- waves on a small pool: chunked prefill, aborts, retractions, re-use of freed slots ----

@@ -107,7 +107,7 @@ def _check_ranks_against_one_rank_policy(dump: Path, log: str, rid: str, tp: int
     assert torch.equal(keep, one_rank.keep), f"{rid}: the ranks kept other cells than the one-rank policy"
     for record in ranks:
         assert torch.equal(record["all_head_counts"], one_rank.all_head_counts), f"{rid}: head counts differ"
-    slots = int(slot_count(one_rank.all_head_counts[None], tp)[0])
+    slots = int(slot_count(one_rank.all_head_counts[None], tp, layout=POLICY.layout)[0])
     logged = _rank_lines(log, rid)
     assert sorted(logged) == list(range(tp)), f"{rid}: not every rank logged its reclamation: {logged}"
     assert set(logged.values()) == {(n, slots)}, f"{rid}: ranks disagree on M or differ from the policy: {logged}"

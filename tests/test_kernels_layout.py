@@ -31,12 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- random batches ----
 
 
+def _layer_cells(layout: str, req_to_token: Tensor, heads: int) -> int:
+    """Cells per layer of the pool ``_random_batch`` draws from (every slot of the table plus the padding slot 0)
+    under ``layout`` (0 for ``per-layer``: ids are local to a layer)."""
+    return 0 if layout == "per-layer" else (req_to_token.numel() + 1) * heads
+
+
 def _random_batch(
-    layers: int, heads: int, batch: int, seed: int, prompt: tuple[int, int] = (3, 12), tail: tuple[int, int] = (0, 6)
+    layers: int, heads: int, batch: int, seed: int, prompt: tuple[int, int] = (3, 12), tail: tuple[int, int] = (0, 6),
+    layout: str = "per-layer",
 ) -> tuple[list[PackedRow | None], list[int], list[int], Tensor]:
     """A decode batch over a shuffled pool, on shuffled rows: about half the requests compressed through the real
-    ``pack_plan``, with empty and single-entry heads forced in, and one compressed request with no tail.
-    Returns (packed states, rows, seq_lens, req_to_token)."""
+    ``pack_plan`` for ``layout``, with empty and single-entry heads forced in, and one compressed request with no
+    tail. Returns (packed states, rows, seq_lens, req_to_token)."""
     gen = torch.Generator().manual_seed(seed)
     context = prompt[1] + tail[1] + 8  # room for a few more decode steps
     table_rows = batch + 3
@@ -60,8 +67,12 @@ def _random_batch(
         keep[-1, -1] = False
         keep[-1, -1, n // 2] = True  # single-entry head
         prompt_slots = req_to_token[row, :n].long()
-        fullest = int(keep.sum(dim=(1, 2)).max())
-        plan = pack_plan(keep, prompt_slots, prompt_slots[: max(1, -(-fullest // heads))])
+        if layout == "per-layer":
+            fullest = int(keep.sum(dim=(1, 2)).max())
+            plan = pack_plan(keep, prompt_slots, prompt_slots[: max(1, -(-fullest // heads))])
+        else:
+            slots = max(1, -(-int(keep.sum()) // (layers * heads)))
+            plan = pack_plan(keep, prompt_slots, prompt_slots[:slots], rows=req_to_token.numel() + 1)
         packed.append(PackedRow(prompt_len=n, slots=0, cells=plan.dst, indptr=plan.indptr, pending_free=None,
                                 waste_cells=0, compress_seconds=0.0))
         seqs.append(n + extra)
@@ -69,13 +80,15 @@ def _random_batch(
 
 
 def _loop_tables(
-    packed: Sequence[PackedRow | None], rows: Sequence[int], seqs: Sequence[int], req_to_token: Tensor, layers: int, heads: int
+    packed: Sequence[PackedRow | None], rows: Sequence[int], seqs: Sequence[int], req_to_token: Tensor, layers: int,
+    heads: int, layer_cells: int = 0,
 ) -> list[tuple[Tensor, Tensor]]:
     """The slow oracle: what ``SGLangBackend._decode_index_tables`` computed, a Python loop over layers, rows
-    and heads. Returns per layer (indptr ``[B * H + 1]``, indices ``[nnz]``) int64."""
-    column = torch.arange(heads)
+    and heads (a tail cell of layer l is ``l * layer_cells + slot * H + h``). Returns per layer (indptr
+    ``[B * H + 1]``, indices ``[nnz]``) int64."""
     tables = []
     for layer in range(layers):
+        column = torch.arange(heads) + layer * layer_cells
         pieces: list[Tensor] = []
         lengths: list[Tensor] = []
         for row, seq, state in zip(rows, seqs, packed, strict=True):
@@ -119,11 +132,13 @@ def test_concat_ranges_equals_a_cat_of_aranges(seed: int) -> None:
 SHAPES = [(heads, layers) for heads in (1, 2, 4, 7) for layers in (1, 2, 3, 4)]
 
 
+@pytest.mark.parametrize("layout", ["per-layer", "shared"])
 @pytest.mark.parametrize(("heads", "layers"), SHAPES)
-def test_torch_tables_equal_the_loop(heads: int, layers: int) -> None:
-    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=5, seed=heads * 10 + layers)
-    inputs = build_index_inputs(packed, rows, req_to_token, layers, heads)
-    expected = _loop_tables(packed, rows, seqs, req_to_token, layers, heads)
+def test_torch_tables_equal_the_loop(heads: int, layers: int, layout: str) -> None:
+    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=5, seed=heads * 10 + layers, layout=layout)
+    layer_cells = _layer_cells(layout, req_to_token, heads)
+    inputs = build_index_inputs(packed, rows, req_to_token, layers, heads, layer_cells=layer_cells)
+    expected = _loop_tables(packed, rows, seqs, req_to_token, layers, heads, layer_cells)
     for dtype in (torch.int32, torch.int64):
         indptr, indices = decode_index_tables(inputs, torch.tensor(seqs), req_to_token, dtype=dtype)
         assert indptr.dtype == indices.dtype == dtype
@@ -131,15 +146,17 @@ def test_torch_tables_equal_the_loop(heads: int, layers: int) -> None:
         assert indices.shape[1] == max(int(t[1].numel()) for t in expected)  # capacity = the fullest layer
 
 
-def test_torch_tables_follow_seq_lens_and_capacity() -> None:
+@pytest.mark.parametrize("layout", ["per-layer", "shared"])
+def test_torch_tables_follow_seq_lens_and_capacity(layout: str) -> None:
     """The per-batch inputs serve every step: only seq_lens moves. A fixed capacity pads with 0 past each
     layer's count and truncates (indptr still shows the full count) when it is too small."""
     layers, heads = 3, 4
-    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=6, seed=7)
-    inputs = build_index_inputs(packed, rows, req_to_token, layers, heads)
+    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=6, seed=7, layout=layout)
+    layer_cells = _layer_cells(layout, req_to_token, heads)
+    inputs = build_index_inputs(packed, rows, req_to_token, layers, heads, layer_cells=layer_cells)
     for step in range(3):
         now = [s + step for s in seqs]
-        expected = _loop_tables(packed, rows, now, req_to_token, layers, heads)
+        expected = _loop_tables(packed, rows, now, req_to_token, layers, heads, layer_cells)
         nnz = max(int(t[1].numel()) for t in expected)
         indptr, indices = decode_index_tables(inputs, torch.tensor(now), req_to_token, capacity=nnz + 9)
         _assert_tables_equal(expected, indptr, indices)
@@ -282,7 +299,8 @@ def compile_checks() -> None:
         signature = {
             "cells_ptr": "*i32", "seg_start_ptr": "*i64", "seg_len_ptr": "*i64", "rows_ptr": "*i64", "tail_start_ptr": "*i64",
             "seq_lens_ptr": "*i64", "req_to_token_ptr": "*i32", "req_to_token_stride": "i32", "indptr_ptr": out,
-            "indices_ptr": out, "capacity": "i32", "num_virtual": "i32", "num_heads": "i32", "BLOCK": "constexpr",
+            "indices_ptr": out, "capacity": "i32", "num_virtual": "i32", "num_heads": "i32", "layer_cells": "i64",
+            "BLOCK": "constexpr",
         }
         compile_for_sm90(triton_index_tables._indices_kernel, signature, {"BLOCK": 128})
     for scatter in (False, True):
@@ -295,11 +313,12 @@ def compile_checks() -> None:
     print("compile checks passed")
 
 
-def _check_triton_tables(packed: list[PackedRow | None], rows: list[int], seqs: list[int], req_to_token: Tensor, layers: int, heads: int, device: str) -> None:
+def _check_triton_tables(packed: list[PackedRow | None], rows: list[int], seqs: list[int], req_to_token: Tensor,
+                         layers: int, heads: int, device: str, layer_cells: int = 0) -> None:
     from madakv_sglang.kernels.triton_index_tables import decode_index_tables_triton
 
     req_to_token = req_to_token.to(device)
-    inputs = build_index_inputs(packed, rows, req_to_token, layers, heads)
+    inputs = build_index_inputs(packed, rows, req_to_token, layers, heads, layer_cells=layer_cells)
     seq_lens = torch.tensor(seqs, dtype=torch.int32, device=device)
     for dtype in (torch.int32, torch.int64):
         want_ptr, want_idx = decode_index_tables(inputs, seq_lens, req_to_token, dtype=dtype)
@@ -338,9 +357,12 @@ def interpreter_checks() -> None:
     versions (which the tests above check against the loops)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     cases = ((1, 2, 3, 8), (2, 1, 4, 8), (4, 3, 3, 8), (7, 2, 2, 8), (2, 4, 9, 8), (3, 2, 3, 90))  # H, L, B, prompt
-    for seed, (heads, layers, batch, prompt) in enumerate(cases):
-        packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch, seed, prompt=(3, prompt), tail=(0, 40))
-        _check_triton_tables(packed, rows, seqs, req_to_token, layers, heads, "cpu")
+    for layout in ("per-layer", "shared"):
+        for seed, (heads, layers, batch, prompt) in enumerate(cases):
+            packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch, seed, prompt=(3, prompt),
+                                                             tail=(0, 40), layout=layout)
+            _check_triton_tables(packed, rows, seqs, req_to_token, layers, heads, "cpu",
+                                 _layer_cells(layout, req_to_token, heads))
     for layers, heads, dim, dtype in ((1, 1, 4, torch.float32), (3, 2, 8, torch.float16), (2, 4, 6, torch.bfloat16)):
         _check_triton_pack(layers, heads, dim, dtype, "cpu")
     print("interpreter checks passed")
@@ -350,10 +372,13 @@ def interpreter_checks() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["per-layer", "shared"])
 @pytest.mark.parametrize(("heads", "layers"), [(1, 4), (4, 28), (8, 3)])
-def test_triton_tables_on_cuda(heads: int, layers: int) -> None:
-    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=48, seed=heads, prompt=(30, 600), tail=(0, 300))
-    _check_triton_tables(packed, rows, seqs, req_to_token, layers, heads, "cuda")
+def test_triton_tables_on_cuda(heads: int, layers: int, layout: str) -> None:
+    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=48, seed=heads, prompt=(30, 600),
+                                                     tail=(0, 300), layout=layout)
+    _check_triton_tables(packed, rows, seqs, req_to_token, layers, heads, "cuda",
+                         _layer_cells(layout, req_to_token, heads))
 
 
 @pytest.mark.gpu

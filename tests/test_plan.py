@@ -18,18 +18,38 @@ def plan_json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_json_contract_and_budget(capsys):
-    report = plan_json(capsys, "--layers", "8", "--heads", "4", "--prompt", "600", "--budget", "0.1", "--policy", "madakv")
-    assert {"policy", "budget_tokens", "total_kept", "slots_kept", "layers"} <= report.keys()
+@pytest.mark.parametrize("layout", ["shared", "per-layer"])
+def test_json_contract_and_budget(capsys, layout):
+    report = plan_json(capsys, "--layers", "8", "--heads", "4", "--prompt", "600", "--budget", "0.1", "--policy", "madakv",
+                       "--layout", layout)
+    assert {"policy", "layout", "budget_tokens", "total_kept", "slots_kept", "slots_reclaimed", "packing_waste",
+            "layers"} <= report.keys()
     B, L, H = report["budget_tokens"], 8, 4
-    assert B == 60
+    assert B == 60 and report["layout"] == layout
     assert report["total_kept"] <= L * H * B
     cap_cells = math.floor(1.25 * H * B)
     assert all(row["total"] <= cap_cells for row in report["layers"]), "no layer above its cap"
-    assert report["slots_kept"] == max(math.ceil(row["total"] / H) for row in report["layers"])
-    assert report["slots_kept"] <= math.ceil(1.25 * B)
+    if layout == "per-layer":  # the fullest layer sets the slots of all
+        assert report["slots_kept"] == max(math.ceil(row["total"] / H) for row in report["layers"])
+        assert report["slots_kept"] <= math.ceil(1.25 * B)
+    else:  # the mean over layers does
+        assert report["slots_kept"] == math.ceil(sum(row["total"] for row in report["layers"]) / (L * H)) <= B
+    assert report["slots_reclaimed"] == 600 - report["slots_kept"]
+    assert report["packing_waste"] == report["slots_kept"] * L * H - report["total_kept"]
     for row in report["layers"]:
         assert [v + t for v, t in zip(row["kept_visual"], row["kept_text"])] == row["kept"]
+
+
+def test_shared_layout_holds_the_budget_at_the_issue_setting(capsys):
+    """The setting of the shared-cells issue: 13,120 cells = L*H*B kept; per-layer held 257 slots (the 1.25 cap
+    on a 205-token budget), shared holds ceil(13,120 / 64) = 205."""
+    args = ("--policy", "madakv", "--layers", "8", "--heads", "8", "--prompt", "2048", "--visual-frac", "0.6",
+            "--budget", "0.1")
+    shared = plan_json(capsys, *args, "--layout", "shared")
+    per_layer = plan_json(capsys, *args, "--layout", "per-layer")
+    assert shared["total_kept"] == per_layer["total_kept"] == 8 * 8 * 205
+    assert (shared["slots_kept"], shared["packing_waste"]) == (205, 0)
+    assert per_layer["slots_kept"] == 257
 
 
 def test_madakv_moves_budget_to_the_visual_heads(tmp_path, capsys):

@@ -372,6 +372,8 @@ SERVER = PolicyConfig(policy="madakv", budget="0.2", window=8)
     ({"kv_policy": "full"}, SERVER.replace(policy="full")),
     ({"kv_mpa": False, "kv_window": 4, "kv_hcc": "paper"}, SERVER.replace(mpa=False, window=4, hcc="paper")),
     ({"kv_budget": None}, SERVER),
+    ({"kv_layout": "shared"}, SERVER),  # the server's own layout: not a change
+    ({"kv_cap": "none"}, SERVER.replace(cap=None)),
 ])
 def test_request_config_applies_overrides(custom: dict[str, Any] | None, expected: PolicyConfig) -> None:
     assert request_config(custom, SERVER) == expected
@@ -390,6 +392,8 @@ def test_request_config_applies_overrides(custom: dict[str, Any] | None, expecte
     ({"kv_policy": "h2o"}, "custom_params.kv_policy: 'h2o' needs every prompt query's attention"),
     ({"kv_policy": "nope"}, "custom_params.kv_policy: unknown 'nope'"),
     ({"kv_budgett": 0.1}, "custom_params.kv_budgett: unknown setting; known: kv_policy, kv_budget"),
+    ({"kv_layout": "per-layer"}, "custom_params.kv_layout: the KV layout is a property of the server's KV pool"),
+    ({"kv_layout": "paged"}, "custom_params.kv_layout: must be one of shared, per-layer, got 'paged'"),
 ])
 def test_request_config_rejects_bad_overrides(custom: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -444,7 +448,7 @@ def test_servable_policies_exclude_hf_only() -> None:
 def test_metrics_are_a_no_op_without_enable_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
     monkeypatch.setattr(metrics, "_metrics", metrics._UNDECIDED)
-    metrics.record_compression(100, 30, 12, 0.01, policy="madakv")
+    metrics.record_compression(100, 30, 12, 0.01, policy="madakv", layout="shared")
     assert metrics._metrics is None
 
 
@@ -453,16 +457,20 @@ def test_metrics_series_in_a_registry() -> None:
 
     registry = CollectorRegistry()
     series = metrics.CompressionMetrics({"model_name": "m", "tp_rank": "0"}, registry=registry)
-    series.record(100, 30, 12, 0.02, "madakv")
-    series.record(50, 50, 0, 0.001, "madakv")
-    series.record_skip("short prompt", "madakv")
+    series.record(100, 30, 12, 0.02, "madakv", "shared")
+    series.record(50, 50, 0, 0.001, "madakv", "shared")
+    series.record(10, 5, 0, 0.001, "madakv", "per-layer")
+    series.record_skip("short prompt", "madakv", "shared")
     text = generate_latest(registry).decode()
-    labels = 'model_name="m",policy="madakv",tp_rank="0"'
+    labels = 'layout="shared",model_name="m",policy="madakv",tp_rank="0"'
     for line in (f"madakv_compressed_requests_total{{{labels}}} 2.0", f"madakv_prompt_slots_total{{{labels}}} 150.0",
                  f"madakv_reclaimed_slots_total{{{labels}}} 70.0", f"madakv_packing_waste_cells_total{{{labels}}} 12.0",
                  f"madakv_compression_seconds_count{{{labels}}} 2.0",
-                 f'madakv_compression_seconds_bucket{{le="0.001",{labels}}} 1.0',
-                 'madakv_skipped_requests_total{model_name="m",policy="madakv",reason="short prompt",tp_rank="0"} 1.0'):
+                 'madakv_compression_seconds_bucket{layout="shared",le="0.001",model_name="m",policy="madakv",'
+                 'tp_rank="0"} 1.0',  # the exposition sorts the label names
+                 f'madakv_compressed_requests_total{{{labels.replace("shared", "per-layer")}}} 1.0',
+                 'madakv_skipped_requests_total{layout="shared",model_name="m",policy="madakv",reason="short prompt",'
+                 'tp_rank="0"} 1.0'):
         assert line in text, text
 
 
@@ -470,8 +478,8 @@ def test_metrics_export_in_multiprocess_mode(tmp_path: Path) -> None:
     # What SGLang's /metrics does: every process writes to PROMETHEUS_MULTIPROC_DIR, the server aggregates.
     code = textwrap.dedent("""
         from madakv_sglang.sglang.metrics import record_compression
-        record_compression(100, 30, 12, 0.02)
-        record_compression(40, 10, 3, 0.5, policy="snapkv")
+        record_compression(100, 30, 12, 0.02, policy="madakv", layout="shared")
+        record_compression(40, 10, 3, 0.5, policy="snapkv", layout="shared")
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -482,11 +490,11 @@ def test_metrics_export_in_multiprocess_mode(tmp_path: Path) -> None:
     proc = subprocess.run([str(VENV_PYTHON), "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ('madakv_reclaimed_slots_total{model_name="",policy="madakv",tp_rank="0"} 70.0',
-                 'madakv_reclaimed_slots_total{model_name="",policy="snapkv",tp_rank="0"} 30.0',
-                 'madakv_packing_waste_cells_total{model_name="",policy="madakv",tp_rank="0"} 12.0',
-                 'madakv_compressed_requests_total{model_name="",policy="snapkv",tp_rank="0"} 1.0',
-                 'madakv_compression_seconds_count{model_name="",policy="madakv",tp_rank="0"} 1.0'):
+    for line in ('madakv_reclaimed_slots_total{layout="shared",model_name="",policy="madakv",tp_rank="0"} 70.0',
+                 'madakv_reclaimed_slots_total{layout="shared",model_name="",policy="snapkv",tp_rank="0"} 30.0',
+                 'madakv_packing_waste_cells_total{layout="shared",model_name="",policy="madakv",tp_rank="0"} 12.0',
+                 'madakv_compressed_requests_total{layout="shared",model_name="",policy="snapkv",tp_rank="0"} 1.0',
+                 'madakv_compression_seconds_count{layout="shared",model_name="",policy="madakv",tp_rank="0"} 1.0'):
         assert line in proc.stdout, proc.stdout
 
 

@@ -63,7 +63,7 @@ shapes = dict(
     budget=st.sampled_from(["0.05", "0.1", "0.2", "0.5", "16", "64"]),
     hcc=st.sampled_from(["global", "paper", "off"]),
     head_split=st.sampled_from(["uniform", "demand"]),
-    cap=st.sampled_from([1.0, 1.25, 1.5]),
+    cap=st.sampled_from([1.0, 1.25, 1.5, None]),
 )
 
 
@@ -73,7 +73,8 @@ def test_budget_caps_floor_and_window(seed, L, H, lengths, visual_frac, policy, 
     cfg = PolicyConfig(policy=policy, budget=budget, window=4, hcc=hcc, head_split=head_split, cap=cap, **COMPRESS)
     scores, visual = batch(seed, L, H, lengths, visual_frac)
     sel = get_policy(policy).select(inputs_for(cfg, scores, visual, lengths), cfg)
-    slots = slot_count(sel.all_head_counts)
+    slots = slot_count(sel.all_head_counts, layout="per-layer")
+    shared = slot_count(sel.all_head_counts, layout="shared")
     for r, n in enumerate(lengths):
         keep = sel.keep[r]
         counts = keep.sum(-1)
@@ -91,14 +92,17 @@ def test_budget_caps_floor_and_window(seed, L, H, lengths, visual_frac, policy, 
             assert B - window - sinks >= window, "below S + 2W, at least as many tokens by score as by recency"
         assert counts.min() >= window + sinks and counts.max() <= n, "every head within [protected, n]"
         total = int(counts.sum())
+        assert int(shared[r]) == -(-total // (L * H)) <= int(slots[r]), "shared holds the mean, per-layer the max"
         if policy == "pyramidkv":
             assert total == L * H * B
             continue
         assert total <= L * H * B, "the budget is a ceiling"
-        layer_cap = min(H * n, math.floor(cfg.cap_fraction * H * B))
+        cap = cfg.cap_fraction
+        layer_cap = H * n if cap is None else min(H * n, math.floor(cap * H * B))
         if policy == "madakv" and hcc != "off":
             assert int(counts.sum(-1).max()) <= layer_cap, "no layer above its cap, the last one included"
-            assert int(slots[r]) <= math.ceil(cfg.cap_fraction * B)
+            if cap is not None:
+                assert int(slots[r]) <= math.ceil(cap * B)
             if hcc == "global":
                 assert total == min(L * H * B, L * layer_cap)
         else:
@@ -132,11 +136,11 @@ def test_hcc_keeps_a_subset_of_uniform_allotment_at_the_same_slots(seed, L, H, n
     scores, visual = batch(seed, L, H, [n], visual_frac)
     cfg = PolicyConfig(policy="madakv", budget=budget, window=4, hcc=hcc, mpa=mpa, sink=0, **COMPRESS)
     hcc_sel = get_policy("madakv").select(inputs_for(cfg, scores, visual, [n]), cfg)
-    slots = int(slot_count(hcc_sel.all_head_counts)[0])
+    slots = int(slot_count(hcc_sel.all_head_counts, layout="per-layer")[0])
     assume(slots >= 2 * 4)  # the flat budget M keeps the same last W = 4 tokens only from 2W on
     flat = PolicyConfig(policy="madakv", budget=str(slots), window=4, hcc="off", mpa=mpa, sink=0, **COMPRESS)
     flat_sel = get_policy("madakv").select(inputs_for(flat, scores, visual, [n]), flat)
-    assert int(slot_count(flat_sel.all_head_counts)[0]) == slots
+    assert int(slot_count(flat_sel.all_head_counts, layout="per-layer")[0]) == slots
     assert not (hcc_sel.keep[0] & ~flat_sel.keep[0]).any(), "a cell HCC kept that the flat allotment dropped"
 
 
@@ -219,7 +223,9 @@ def test_heads_partitioned_over_ranks_give_identical_kept_sets(seed, L, heads_pe
     assert torch.equal(torch.cat([res.keep for res in results], dim=2), whole.keep)
     for res in results:
         assert torch.equal(res.all_head_counts, whole.all_head_counts), "every rank knows every rank's counts"
-        assert torch.equal(slot_count(res.all_head_counts, ranks), slot_count(whole.all_head_counts, ranks))
+        for layout in ("shared", "per-layer"):
+            assert torch.equal(slot_count(res.all_head_counts, ranks, layout=layout),
+                               slot_count(whole.all_head_counts, ranks, layout=layout))
 
 
 # ---- golden cases, computed by hand (see the comments) ----
@@ -264,20 +270,22 @@ def test_madakv_golden_global():
     sel = get_policy("madakv").select(inputs_for(cfg, scores, visual, [8]), cfg)
     assert sel.layer_totals.tolist() == [[8, 8]]
     assert kept_sets(sel) == [[[0, 3, 6, 7], [3, 4, 6, 7]], [[3, 5, 6, 7], [3, 5, 6, 7]]]
-    assert slot_count(sel.all_head_counts).tolist() == [4]
+    assert slot_count(sel.all_head_counts, layout="per-layer").tolist() == [4]
+    assert slot_count(sel.all_head_counts, layout="shared").tolist() == [4]  # ceil(16 / (2 * 2))
 
 
 def test_madakv_golden_paper():
     # R0 = 16. Layer 1: hi = min(16, 16-4, floor(1.25*16/2)=10) -> T = clamp(9, 4, 10) = 9, R = 7.
     # Layer 2: hi = min(16, 7, floor(1.25*7)=8) = 7 -> T = clamp(10, 4, 7) = 7. Heads: [5, 4] and [4, 3].
     # L0H0 rest 3: b_v = floor(3*0.75+0.5) = 2 -> {0, 3}, b_t = 1 -> {4}; L1H1 rest 1: b_v = 1 -> {3}.
-    # M = ceil(9/2) = 5, waste = 5*2*2 - 16 = 4.
+    # Per-layer M = ceil(9/2) = 5, waste = 5*2*2 - 16 = 4; shared M = ceil(16 / (2*2)) = 4, no waste.
     cfg = PolicyConfig(policy="madakv", budget=4, window=2, theta=0.5, pooling="none", hcc="paper", sink=0, **COMPRESS)
     scores, visual = golden_request()
     sel = get_policy("madakv").select(inputs_for(cfg, scores, visual, [8]), cfg)
     assert sel.layer_totals.tolist() == [[9, 7]]
     assert kept_sets(sel) == [[[0, 3, 4, 6, 7], [3, 4, 6, 7]], [[3, 5, 6, 7], [3, 6, 7]]]
-    assert slot_count(sel.all_head_counts).tolist() == [5]
+    assert slot_count(sel.all_head_counts, layout="per-layer").tolist() == [5]
+    assert slot_count(sel.all_head_counts, layout="shared").tolist() == [4]
 
 
 def test_snapkv_golden():
@@ -292,12 +300,20 @@ def test_snapkv_golden():
     [dict(policy="nope"), dict(budget=0), dict(budget="-0.1"), dict(budget="1.5"), dict(window=0),
      dict(theta=0.0), dict(hcc="x"), dict(cap=0.9), dict(pool_kernel=4), dict(min_keep=0), dict(sink=-1),
      dict(min_prompt=-1), dict(min_reclaim=1.0), dict(min_reclaim=-0.1), dict(window_share=0.0),
-     dict(window_share=1.5)],
+     dict(window_share=1.5), dict(layout="paged"), dict(cap=65.0)],
 )
 def test_invalid_config_is_refused_with_a_message(changes):
     with pytest.raises(ConfigError) as err:
         PolicyConfig(**changes)
     assert str(err.value).startswith(f"{next(iter(changes))}:"), "the message names the setting"
+
+
+def test_no_cap_and_the_layout_survive_their_text_form():
+    """The environment carries every setting as text; ``cap=None`` must not fall back to the 1.25 default."""
+    cfg = PolicyConfig(cap=None, layout="per-layer")
+    assert cfg.to_strings()["cap"] == "none"
+    assert PolicyConfig.from_strings(cfg.to_strings()) == cfg
+    assert PolicyConfig.from_strings({"cap": "None"}).cap is None
 
 
 def test_budget_ratio_is_exact():

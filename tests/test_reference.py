@@ -118,7 +118,7 @@ def test_pack_moves_kept_cells_into_first_slots_and_decode_is_unchanged():
     keep = torch.rand(layers, heads, n, generator=gen) < 0.3
     keep[..., -2:] = True
     counts = keep.sum(-1)
-    slots = int(slot_count(counts[None]).item())
+    slots = int(slot_count(counts[None], layout="per-layer").item())
     assert slots == int(((counts.sum(-1) + heads - 1) // heads).max())
     assert int(packing_waste(counts[None], torch.tensor([slots]))) == slots * layers * heads - int(counts.sum())
     plan = pack_plan(keep, prompt_slots, prompt_slots[:slots])
@@ -135,15 +135,55 @@ def test_pack_moves_kept_cells_into_first_slots_and_decode_is_unchanged():
         torch.testing.assert_close(out_after, out_before, atol=0, rtol=0)
 
 
+def test_shared_pack_moves_every_layer_into_the_first_slots_and_decode_is_unchanged():
+    """Shared layout: one ``[L * rows * H, D]`` array of cells; a layer's kept cells may land in another layer's
+    cells of the M slots, and decode over the moved ids equals decode over the original ones, bit for bit."""
+    gen = torch.Generator().manual_seed(6)
+    layers, heads, n, dim, rows = 4, 2, 30, 8, 64
+    pool = torch.randn(layers, rows, heads, dim, generator=gen, dtype=torch.float64)
+    cells = pool.view(-1, dim)
+    prompt_slots = torch.randperm(rows - 1, generator=gen)[:n] + 1
+    keep = torch.rand(layers, heads, n, generator=gen) < 0.15
+    keep[0] = torch.rand(heads, n, generator=gen) < 0.9  # one full layer: per-layer would hold ~0.9 n slots
+    keep[..., -2:] = True
+    counts = keep.sum(-1)
+    slots = int(slot_count(counts[None], layout="shared").item())
+    assert slots == -(-int(counts.sum()) // (layers * heads)) < int(slot_count(counts[None], layout="per-layer"))
+    plan = pack_plan(keep, prompt_slots, prompt_slots[:slots], rows=rows)
+    q = torch.randn(1, heads, dim, generator=gen, dtype=torch.float64)
+    before = [headwise_decode(q, cells, cells, plan.indptr[l], plan.src[l], heads, 1.0)[0] for l in range(layers)]
+    for layer in range(layers):  # the sources are the kept positions' own cells of their own layer
+        want = ((layer * rows + prompt_slots[plan.positions[layer]]) * heads)
+        assert torch.equal(plan.src[layer] - plan.src[layer] % heads, want)
+    src, dst = torch.cat(plan.src), torch.cat(plan.dst)
+    expected = cells[src].clone()
+    apply_pack(cells, src, dst)
+    assert torch.equal(cells[dst], expected), "overlapping moves must not clobber sources"
+    target = set(prompt_slots[:slots].tolist())
+    assert {int(c) // heads % rows for c in dst} <= target, "every packed cell lies in the first M slots"
+    assert len(set(dst.tolist())) == dst.numel() == int(counts.sum())
+    assert any(int(c) // (rows * heads) != 0 for c in plan.dst[0]), "the full layer spills into other layers' cells"
+    for layer in range(layers):
+        after, _ = headwise_decode(q, cells, cells, plan.indptr[layer], plan.dst[layer], heads, 1.0)
+        torch.testing.assert_close(after, before[layer], atol=0, rtol=0)
+
+
 def test_slot_count_under_tp_takes_the_fullest_rank():
     counts = torch.tensor([[[5, 1, 2, 2]]])  # one layer, 4 heads
-    assert int(slot_count(counts, tp_size=1)) == 3  # ceil(10 / 4)
-    assert int(slot_count(counts, tp_size=2)) == 3  # rank 0 holds 6 cells in 2 heads
-    assert int(slot_count(counts, tp_size=4)) == 5
+    assert int(slot_count(counts, tp_size=1, layout="per-layer")) == 3  # ceil(10 / 4)
+    assert int(slot_count(counts, tp_size=2, layout="per-layer")) == 3  # rank 0 holds 6 cells in 2 heads
+    assert int(slot_count(counts, tp_size=4, layout="per-layer")) == 5
+    two = torch.tensor([[[5, 1, 2, 2], [1, 1, 0, 2]]])  # two layers: shared pools a rank's layers
+    assert int(slot_count(two, tp_size=1, layout="shared")) == 2  # ceil(14 / 8)
+    assert int(slot_count(two, tp_size=2, layout="shared")) == 2  # rank 0: ceil(8 / 4)
+    assert int(slot_count(two, tp_size=4, layout="shared")) == 3  # rank 0: ceil(6 / 2)
 
 
 def test_slot_count_with_replicated_heads_takes_the_fullest_head():
     counts = torch.tensor([[[5, 2], [1, 3]]])  # two layers, 2 KV heads over 4 ranks: each rank holds one head
-    assert int(slot_count(counts, tp_size=4)) == 5  # ranks 0-1 hold head 0 with 5 cells in layer 0
+    assert int(slot_count(counts, tp_size=4, layout="per-layer")) == 5  # ranks 0-1 hold head 0 with 5 cells in layer 0
+    assert int(slot_count(counts, tp_size=4, layout="shared")) == 3  # head 0: ceil(6 / 2)
     with pytest.raises(ValueError, match="cannot be split"):
-        slot_count(torch.ones(1, 1, 3, dtype=torch.long), tp_size=2)
+        slot_count(torch.ones(1, 1, 3, dtype=torch.long), tp_size=2, layout="shared")
+    with pytest.raises(ValueError, match="unknown layout"):
+        slot_count(counts, layout="paged")

@@ -59,7 +59,7 @@ def run_package(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor) -
     pooling=st.sampled_from(["none", "max", "avg"]),
     kernel=st.sampled_from([1, 3, 7]),
     theta=st.sampled_from([0.5, 0.9, 1.0]),
-    cap=st.sampled_from([1.0, 1.25, 2.0]),
+    cap=st.sampled_from([1.0, 1.25, 2.0, None]),
     ties=st.booleans(),
     sink=st.sampled_from([0, 1, 4]),
     min_prompt=st.sampled_from([0, 0, 30]),

@@ -117,8 +117,9 @@ def test_ranks_decide_what_one_rank_decides_from_their_gathered_scores(size: int
                 )[0]
                 assert torch.equal(torch.cat([p["keep"][i] for p in primaries], dim=1), reference.keep), where
                 assert torch.equal(ranks[0]["all_head_counts"][i], reference.all_head_counts), where
-                ranks_m = slot_count(ranks[0]["all_head_counts"][i][None], size)
-                assert ranks_m.tolist() == slot_count(reference.all_head_counts[None], size).tolist(), where
+                for layout in ("shared", "per-layer"):
+                    ranks_m = slot_count(ranks[0]["all_head_counts"][i][None], size, layout=layout)
+                    assert ranks_m.tolist() == slot_count(reference.all_head_counts[None], size, layout=layout).tolist(), where
                 assert all(p["keep"][i].shape[1] == local for p in ranks), where
 
 

@@ -85,14 +85,17 @@ def bounded_proportional_fill(weights: Tensor, lo: Tensor, hi: Tensor, total: Te
     return base + bump.long()
 
 
-def layer_bounds(prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction) -> tuple[Tensor, Tensor]:
-    """Per-layer cell bounds ``[H * floor, min(H * n, floor(cap * H * B))]`` for each request: ``[R]`` each."""
+def layer_bounds(prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None) -> tuple[Tensor, Tensor]:
+    """Per-layer cell bounds ``[H * floor, min(H * n, floor(cap * H * B))]`` for each request: ``[R]`` each
+    (without a cap the upper bound is the prompt, ``H * n``)."""
     lo = heads * floor
-    hi = torch.minimum(heads * prompt_len, (cap.numerator * heads * budget) // cap.denominator)
+    hi = heads * prompt_len
+    if cap is not None:
+        hi = torch.minimum(hi, (cap.numerator * heads * budget) // cap.denominator)
     return lo, hi
 
 
-def allot_layers_global(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction) -> Tensor:
+def allot_layers_global(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None) -> Tensor:
     """``hcc="global"``: water-fill L*H*B over layers in proportion to the layer demands D_l, within the bounds.
 
     Args:
@@ -106,24 +109,25 @@ def allot_layers_global(demand: Tensor, prompt_len: Tensor, budget: Tensor, floo
     return bounded_proportional_fill(demand, lo[:, None].expand_as(demand), hi[:, None].expand_as(demand), total)
 
 
-def allot_layers_paper(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction) -> Tensor:
+def allot_layers_paper(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None) -> Tensor:
     """``hcc="paper"``: the paper's layer-by-layer recurrence, in integers (DESIGN §2 step 4).
 
     T_l = clamp(D_l, H*floor, min(H*n, R - (L-l)*H*floor, floor(cap * R / (L-l+1)), floor(cap * H * B))),
     R -= T_l, with R starting at L*H*B. The last term is ours: the running cap floor(cap * H * phi_l) never binds
     the last layer (there H * phi_L = R), so without a fixed cap the savings of concentrated middle layers pile
-    into the last layers and the slot count M is not bounded by cap * B.
+    into the last layers and the slot count M is not bounded by cap * B. Without a cap (``None``) both cap
+    terms go and only the prompt and the floors of the layers left bound T_l.
     """
     num_layers = demand.shape[-1]
     remaining = num_layers * heads * budget
     lo = heads * floor
-    fixed_cap = (cap.numerator * heads * budget) // cap.denominator
     out = torch.empty_like(demand)
     for layer in range(num_layers):
         layers_left = num_layers - layer  # including this one
         hi = torch.minimum(heads * prompt_len, remaining - (layers_left - 1) * heads * floor)
-        hi = torch.minimum(hi, (cap.numerator * remaining) // (cap.denominator * layers_left))
-        hi = torch.minimum(hi, fixed_cap)
+        if cap is not None:
+            hi = torch.minimum(hi, (cap.numerator * remaining) // (cap.denominator * layers_left))
+            hi = torch.minimum(hi, (cap.numerator * heads * budget) // cap.denominator)
         out[:, layer] = torch.minimum(torch.maximum(demand[:, layer], lo), hi)
         remaining = remaining - out[:, layer]
     return out

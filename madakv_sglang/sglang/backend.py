@@ -24,7 +24,7 @@ from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, SKIP_REASONS, Comm
 from madakv_sglang.policies.scoring import window_scores
 from madakv_sglang.sglang import batch_context
-from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, decide, pack, skip_code
+from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, PoolView, decide, pack_batch, skip_code
 from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
 from madakv_sglang.sglang.modality import visual_mask
 from madakv_sglang.sglang.settings import BASE_BACKEND_ENV, config_from_env, is_compressing
@@ -118,15 +118,20 @@ class _MadaKVMixin:
         self.num_layers = int(pool.layer_num)
         self.local_heads = int(pool.head_num)
         self.geometry, self.comm = _tensor_parallel_view(model_runner, self.num_layers, self.local_heads, config)
+        self.pool = PoolView.of(
+            [pool.get_key_buffer(self.start_layer + layer) for layer in range(self.num_layers)],
+            [pool.get_value_buffer(self.start_layer + layer) for layer in range(self.num_layers)],
+            config.layout,
+        )
         self._extend: list[_ExtendEntry] = []
         self._decode_tables: list[tuple[Tensor, Tensor]] | None = None
         self._index_inputs: tuple[tuple[tuple[int, int, int], ...], IndexInputs] | None = None
         self.decode_kernel = decode_kernel_for(self.device)
         geometry = self.geometry
         logger.info(
-            "madakv: backend ready (base %s, policy %s, budget %s, window %d, %d layers x %d KV heads; "
+            "madakv: backend ready (base %s, policy %s, budget %s, window %d, layout %s, %d layers x %d KV heads; "
             "TP %d: heads %d..%d of %d%s, %d replica(s) per head; decode kernel %s)",
-            base_name, config.policy, config.budget, config.window, self.num_layers, self.local_heads,
+            base_name, config.policy, config.budget, config.window, config.layout, self.num_layers, self.local_heads,
             geometry.tp_size, geometry.head_offset, geometry.head_offset + geometry.local_heads - 1,
             geometry.total_heads,
             "" if geometry.real_heads is None else f" ({geometry.total_heads - geometry.real_heads} zero padding)",
@@ -184,13 +189,15 @@ class _MadaKVMixin:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
         layer_index = layer.layer_id - self.start_layer
         indptr, indices = self._decode_tables[layer_index]
-        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        if self.pool.k_cells is not None and self.pool.v_cells is not None:  # shared: ids span every layer
+            k_cells, v_cells = self.pool.k_cells, self.pool.v_cells
+        else:
+            keys, values = self.pool.k_layers[layer_index], self.pool.v_layers[layer_index]
+            k_cells, v_cells = keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1])
         batch = forward_batch.batch_size
         queries = q.reshape(batch, layer.tp_q_head_num, layer.qk_head_dim)
         out, _ = headwise_decode(
-            queries, keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1]),
-            indptr, indices, self.local_heads, layer.scaling, backend=self.decode_kernel,
+            queries, k_cells, v_cells, indptr, indices, self.local_heads, layer.scaling, backend=self.decode_kernel,
         )
         return out.to(q.dtype).reshape(batch, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -259,9 +266,11 @@ class _MadaKVMixin:
         if dump_dir:
             for entry, request, decision in zip(entries, finishing, decisions, strict=True):
                 _dump(dump_dir, entry.rid, request, decision, self.geometry)
-        keys = [self.token_to_kv_pool.get_key_buffer(self.start_layer + l) for l in range(self.num_layers)]
-        values = [self.token_to_kv_pool.get_value_buffer(self.start_layer + l) for l in range(self.num_layers)]
         rows_map = self.req_to_token_pool.req_to_token
+        compressed = [(r, d) for r, d in zip(finishing, decisions, strict=True) if not r.skipped]
+        packed_rows = pack_batch([r for r, _ in compressed], [d for _, d in compressed], rows_map, self.pool,
+                                 self.geometry.tp_size)
+        packed_of = {id(r): p for (r, _), p in zip(compressed, packed_rows, strict=True)}
         for request, decision in zip(finishing, decisions, strict=True):
             state = LEDGER.open(request.row, self._generation(request.row))
             state.query_tail.clear()
@@ -269,7 +278,7 @@ class _MadaKVMixin:
             if request.skipped:
                 state.skipped = SKIP_REASONS[request.skipped]
                 continue
-            packed = pack(request, decision, rows_map[request.row, : request.prompt_len], keys, values, self.geometry.tp_size)
+            packed = packed_of[id(request)]
             if packed is None:
                 continue
             rows_map[request.row, packed.slots : request.prompt_len] = 0  # evicted positions -> padding slot
@@ -314,7 +323,8 @@ class _MadaKVMixin:
         rows_map = self.req_to_token_pool.req_to_token
         key = tuple((row, self._generation(row), id(state)) for row, state in zip(rows, packed, strict=True))
         if self._index_inputs is None or self._index_inputs[0] != key:
-            inputs = build_index_inputs(packed, rows, rows_map, self.num_layers, self.local_heads)
+            inputs = build_index_inputs(packed, rows, rows_map, self.num_layers, self.local_heads,
+                                        layer_cells=self.pool.layer_cells)
             self._index_inputs = (key, inputs)
         indptr, indices = decode_index_tables(self._index_inputs[1], forward_batch.seq_lens, rows_map,
                                               dtype=torch.int64)

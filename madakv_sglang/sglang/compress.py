@@ -1,8 +1,9 @@
 """Decide and pack, once per batch, for the requests whose prompt just finished (DESIGN §2-§3).
 
-Engine-free: it takes the scores the backend gathered, the request rows' slots and the pool's per-layer K/V
-buffers, runs the policy (grouped by configuration, since requests may override it), lays the kept cells out
-in each request's first M slots and returns what the scheduler must free. The caller zeroes nothing and frees
+Engine-free: it takes the scores the backend gathered, the request rows' slots and the pool's K/V buffers
+(:class:`PoolView`), runs the policy (grouped by configuration, since requests may override it), lays the kept
+cells out in each request's first M slots (``layout``: per layer, or shared across layers) and returns what the
+scheduler must free. The caller zeroes nothing and frees
 nothing; ``PackedRow.pending_free`` says which slots to give back.
 """
 
@@ -16,8 +17,8 @@ import torch
 from torch import Tensor
 
 from madakv_sglang.config import PolicyConfig
-from madakv_sglang.kernels.pack import pack_cells, pack_moves
-from madakv_sglang.layout import pack_plan, packing_waste, slot_count
+from madakv_sglang.kernels.pack import layer_stack_view, pack_cells, pack_moves, pack_shared_cells
+from madakv_sglang.layout import PackPlan, pack_plan, packing_waste, slot_count
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, Comm, PolicyInputs, skip_codes
 from madakv_sglang.sglang.ledger import PackedRow, Replay
@@ -156,44 +157,121 @@ def _replayed(request: Finishing, replay: Replay) -> Decision:
     return Decision(keep, replay.all_head_counts + (request.prompt_len - n0))
 
 
-def pack(
-    request: Finishing,
-    decision: Decision,
-    row_slots: Tensor,
-    k_layers: list[Tensor],
-    v_layers: list[Tensor],
+@dataclass(frozen=True)
+class PoolView:
+    """The pool's K/V buffers as the packer and the decode see them.
+
+    Attributes:
+        k_layers / v_layers: SGLang's per-layer buffers ``[rows, H_r, D]``.
+        layout: ``shared`` (the layers are views of one allocation, cell ids address all of it) or ``per-layer``.
+        k_cells / v_cells: ``shared`` only, the all-layer views ``[L * rows * H_r, D]``.
+    """
+
+    k_layers: list[Tensor]
+    v_layers: list[Tensor]
+    layout: str
+    k_cells: Tensor | None = None
+    v_cells: Tensor | None = None
+
+    @classmethod
+    def of(cls, k_layers: list[Tensor], v_layers: list[Tensor], layout: str) -> PoolView:
+        """Check that a ``shared`` pool really is one allocation per K and V (``pool.create_shared_buffers``)."""
+        if layout == "per-layer":
+            return cls(k_layers, v_layers, layout)
+        k_stack, v_stack = layer_stack_view(k_layers), layer_stack_view(v_layers)
+        if k_stack is None or v_stack is None:
+            raise ValueError(
+                "madakv: --kv-layout shared needs the KV pool's layers to be views of one allocation, but this "
+                "pool's are not (a KV pool class other than SGLang's MHATokenToKVPool?); serve it with "
+                "--kv-layout per-layer"
+            )
+        return cls(k_layers, v_layers, layout, k_stack.view(-1, k_stack.shape[-1]), v_stack.view(-1, v_stack.shape[-1]))
+
+    @property
+    def rows(self) -> int:
+        return int(self.k_layers[0].shape[0])
+
+    @property
+    def heads(self) -> int:
+        return int(self.k_layers[0].shape[1])
+
+    @property
+    def layer_cells(self) -> int:
+        """The distance between two layers' cell ids (0: every layer numbers its own cells)."""
+        return self.rows * self.heads if self.layout == "shared" else 0
+
+
+def pack_batch(
+    requests: list[Finishing],
+    decisions: list[Decision],
+    rows_map: Tensor,
+    pool: PoolView,
     tp_size: int,
-) -> PackedRow | None:
-    """Move the kept cells into the request's first M slots. ``row_slots`` is ``req_to_token[row, :n]``;
-    ``k_layers``/``v_layers`` are the pool's per-layer buffers ``[slots, H_r, D]``. Returns ``None`` when every
-    head keeps every position (nothing to pack or free)."""
+) -> list[PackedRow | None]:
+    """Move the kept cells of every request into its first M slots, all requests of the batch in one gather and
+    one scatter (per layer for ``per-layer``). ``rows_map`` is ``req_to_token``. A request whose heads keep every
+    position gets ``None`` (nothing to pack or free)."""
     start = time.perf_counter()
-    n = request.prompt_len
-    if bool(decision.keep.all()):
-        return None
-    heads = decision.keep.shape[1]
-    slots = int(slot_count(decision.all_head_counts[None], tp_size)[0])
-    plan = pack_plan(decision.keep, row_slots[:n].long(), row_slots[:slots].long())
-    pack_cells(k_layers, v_layers, pack_moves(plan.src, plan.dst))
+    plans: list[tuple[int, int, PackPlan] | None] = []
+    for request, decision in zip(requests, decisions, strict=True):
+        if bool(decision.keep.all()):
+            plans.append(None)
+            continue
+        n = request.prompt_len
+        row_slots = rows_map[request.row, :n].long()
+        slots = int(slot_count(decision.all_head_counts[None], tp_size, layout=pool.layout)[0])
+        rows = pool.rows if pool.layout == "shared" else None
+        plans.append((request.row, slots, pack_plan(decision.keep, row_slots, row_slots[:slots], rows=rows)))
+    chosen = [p for p in plans if p is not None]
+    if not chosen:
+        return [None] * len(plans)
+    if pool.layout == "shared":
+        assert pool.k_cells is not None and pool.v_cells is not None
+        src = torch.cat([c for _, _, plan in chosen for c in plan.src])
+        dst = torch.cat([c for _, _, plan in chosen for c in plan.dst])
+        pack_shared_cells(pool.k_cells, pool.v_cells, src, dst)
+    else:
+        layers = len(pool.k_layers)
+        src_layers = [torch.cat([plan.src[layer] for _, _, plan in chosen]) for layer in range(layers)]
+        dst_layers = [torch.cat([plan.dst[layer] for _, _, plan in chosen]) for layer in range(layers)]
+        pack_cells(pool.k_layers, pool.v_layers, pack_moves(src_layers, dst_layers))
     if poison_enabled():
-        for layer, (keys, values) in enumerate(zip(k_layers, v_layers, strict=True)):
-            k_cells, v_cells = keys.view(-1, keys.shape[-1]), values.view(-1, values.shape[-1])
-            _poison_unused(k_cells, v_cells, row_slots[:slots].long(), plan.dst[layer], heads)
-    waste = int(packing_waste(decision.all_head_counts[None], torch.tensor([slots]))[0])
-    return PackedRow(
-        prompt_len=n,
-        slots=slots,
-        cells=plan.dst,
-        indptr=plan.indptr,
-        pending_free=row_slots[slots:n].clone(),
-        waste_cells=waste,
-        compress_seconds=time.perf_counter() - start,
-    )
+        for row, slots, plan in chosen:
+            _poison_unused(pool, rows_map[row, :slots].long(), plan)
+    seconds = (time.perf_counter() - start) / len(chosen)
+    out: list[PackedRow | None] = []
+    for request, decision, planned in zip(requests, decisions, plans, strict=True):
+        if planned is None:
+            out.append(None)
+            continue
+        row, slots, plan = planned
+        n = request.prompt_len
+        waste = int(packing_waste(decision.all_head_counts[None], torch.tensor([slots]))[0])
+        out.append(PackedRow(
+            prompt_len=n,
+            slots=slots,
+            cells=plan.dst,
+            indptr=plan.indptr,
+            pending_free=rows_map[row, slots:n].clone(),
+            waste_cells=waste,
+            compress_seconds=seconds,
+        ))
+    return out
 
 
-def _poison_unused(k_cells: Tensor, v_cells: Tensor, target_slots: Tensor, used: Tensor, heads: int) -> None:
+def _poison_unused(pool: PoolView, target_slots: Tensor, plan: PackPlan) -> None:
     """NaN into the cells of the M slots that hold no kept entry (packing waste), so a stray read shows."""
+    heads = pool.heads
     every = (target_slots[:, None] * heads + torch.arange(heads, device=target_slots.device)).reshape(-1)
-    empty = every[~torch.isin(every, used)]
-    k_cells[empty] = float("nan")
-    v_cells[empty] = float("nan")
+    if pool.layout == "shared":
+        assert pool.k_cells is not None and pool.v_cells is not None
+        layers = torch.arange(len(pool.k_layers), device=every.device)[:, None] * pool.layer_cells
+        every = (layers + every[None, :]).reshape(-1)
+        targets = [(pool.k_cells, pool.v_cells, every, torch.cat(plan.dst))]
+    else:
+        targets = [(k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1]), every, used)
+                   for k, v, used in zip(pool.k_layers, pool.v_layers, plan.dst, strict=True)]
+    for k_cells, v_cells, cells, used in targets:
+        empty = cells[~torch.isin(cells, used)]
+        k_cells[empty] = float("nan")
+        v_cells[empty] = float("nan")

@@ -19,7 +19,8 @@ class PackedRow:
     Attributes:
         prompt_len: n, positions ``[0, n)`` were compressed; decode tokens from n on are dense.
         slots: M, the slots ``req_to_token[row, :M]`` that hold the packed cells.
-        cells: per layer ``[C_l]`` flat cell ids (``slot * H_r + column``) ordered by head.
+        cells: per layer ``[C_l]`` cell ids ordered by head (``madakv_sglang.layout``: ``slot * H_r + column`` of the
+            layer's buffer under ``per-layer``, ids into the all-layer allocation under ``shared``).
         indptr: ``[L, H_r + 1]`` head h of layer l owns ``cells[l][indptr[l, h]:indptr[l, h + 1]]``.
         pending_free: slots ``req_to_token[row, M:n]`` held until the scheduler returns them
             (``None`` once freed); the row already points them at the padding slot 0.

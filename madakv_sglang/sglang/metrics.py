@@ -6,7 +6,7 @@ writes its samples there, and the HTTP server's ``/metrics`` aggregates the dire
 create its metrics after that variable is set, which is the case whenever compression runs. Like SGLang's
 scheduler collector, only the first attention-TP rank records (every rank makes the same decision) unless
 ``--enable-metrics-for-all-schedulers`` is given; the labels follow SGLang's (``model_name``, ``tp_rank``) plus
-the ``policy`` that made the decision.
+the ``policy`` that made the decision and the pool's ``layout`` (``shared`` or ``per-layer``).
 
 Exported series (counters get prometheus_client's ``_total`` suffix):
 
@@ -29,7 +29,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-LABELS = ("model_name", "tp_rank", "policy")
+LABELS = ("model_name", "tp_rank", "policy", "layout")
 # From a sub-millisecond decision on a GPU to seconds for a long prompt on CPU.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -66,8 +66,9 @@ class CompressionMetrics:
             registry=registry,
         )
 
-    def record(self, prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str) -> None:
-        labels = {**self.labels, "policy": policy}
+    def record(self, prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str,
+               layout: str) -> None:
+        labels = {**self.labels, "policy": policy, "layout": layout}
         self.requests.labels(**labels).inc()
         self.prompt_slots.labels(**labels).inc(max(prompt_slots, 0))
         self.reclaimed.labels(**labels).inc(max(prompt_slots - kept_slots, 0))
@@ -75,8 +76,8 @@ class CompressionMetrics:
         self.seconds.labels(**labels).observe(max(seconds, 0.0))
 
 
-    def record_skip(self, reason: str, policy: str) -> None:
-        self.skipped.labels(**self.labels, policy=policy, reason=reason).inc()
+    def record_skip(self, reason: str, policy: str, layout: str) -> None:
+        self.skipped.labels(**self.labels, policy=policy, layout=layout, reason=reason).inc()
 
 
 _UNDECIDED = object()
@@ -84,28 +85,21 @@ _metrics: Any = _UNDECIDED
 
 
 def record_compression(
-    prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str | None = None
+    prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str, layout: str
 ) -> None:
-    """Count one compressed request; a no-op unless SGLang runs with ``--enable-metrics``.
-
-    ``policy`` defaults to the server's configured policy; pass the request's when it was overridden.
-    """
+    """Count one compressed request (``policy``: the request's, which may be an override); a no-op unless SGLang
+    runs with ``--enable-metrics``."""
     metrics = _active()
-    if metrics is None:
-        return
-    if policy is None:
-        from madakv_sglang.sglang.settings import config_from_env
-
-        policy = config_from_env().policy
-    metrics.record(prompt_slots, kept_slots, waste_cells, seconds, policy)
+    if metrics is not None:
+        metrics.record(prompt_slots, kept_slots, waste_cells, seconds, policy, layout)
 
 
-def record_skip(reason: str, policy: str) -> None:
+def record_skip(reason: str, policy: str, layout: str) -> None:
     """Count one request served uncompressed by the skip rule; a no-op unless SGLang runs with
     ``--enable-metrics``."""
     metrics = _active()
     if metrics is not None:
-        metrics.record_skip(reason, policy)
+        metrics.record_skip(reason, policy, layout)
 
 
 def _active() -> CompressionMetrics | None:

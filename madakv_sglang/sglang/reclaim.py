@@ -10,6 +10,8 @@ compressing policy is configured, keep SGLang's bookkeeping exact:
   the NaN-poison debug mode overwrite freed slots so a later read of them shows.
 - ``kv_private_tokens``: a packed request owns M + generated slots, not its whole row.
 - ``ReqToTokenPool.free_rows``: forget a row's state when SGLang recycles it.
+- ``MHATokenToKVPool._create_buffers_normal``: with ``--kv-layout shared``, every layer's K and V as views of one
+  allocation (``sglang.pool``).
 - ``SchedulerOutputStreamer.is_request_level_customized_info_key``: send the per-request numbers once, as
   ``meta_info["madakv"]`` (a one-item list, SGLang's shape for request-level custom info).
 """
@@ -26,6 +28,7 @@ from madakv_sglang.sglang import batch_context
 from madakv_sglang.sglang.compress import poison_enabled
 from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
 from madakv_sglang.sglang.metrics import record_compression, record_skip
+from madakv_sglang.sglang.pool import around_create_buffers_normal
 from madakv_sglang.sglang.settings import config_from_env
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,11 @@ def install_hooks() -> None:
         HookType.AROUND,
     )
     HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _around_free_rows, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal",
+        around_create_buffers_normal,
+        HookType.AROUND,
+    )
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
         "is_request_level_customized_info_key",
@@ -154,19 +162,23 @@ def _set_meta(req: Any, summary: dict[str, Any]) -> None:
 
 
 def _report(req: Any, packed: PackedRow, policy: str) -> None:
+    layout = server_config().layout
     _set_meta(req, {
         "prompt_slots": packed.prompt_len,
         "kept_slots": packed.slots,
         "reclaimed_slots": packed.evicted,
         "packing_waste_cells": packed.waste_cells,
         "compress_ms": round(packed.compress_seconds * 1e3, 3),
+        "layout": layout,
         "skipped": None,
     })
     logger.info(
-        "madakv: request %s prompt slots %d -> %d (%.1f%% reclaimed, waste %d cells)",
-        req.rid, packed.prompt_len, packed.slots, 100.0 * packed.evicted / max(packed.prompt_len, 1), packed.waste_cells,
+        "madakv: request %s prompt slots %d -> %d (%.1f%% reclaimed, waste %d cells, layout %s)",
+        req.rid, packed.prompt_len, packed.slots, 100.0 * packed.evicted / max(packed.prompt_len, 1),
+        packed.waste_cells, layout,
     )
-    record_compression(packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy)
+    record_compression(packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy,
+                       layout=layout)
 
 
 def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig) -> None:
@@ -177,12 +189,13 @@ def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig
         "reclaimed_slots": 0,
         "packing_waste_cells": 0,
         "compress_ms": 0.0,
+        "layout": config.layout,
         "skipped": reason,
     })
     why = (f"{prompt_len} < --kv-min-prompt {config.min_prompt}" if reason == "short prompt"
            else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}")
     logger.info("madakv: request %s prompt slots %d kept whole (%s: %s)", req.rid, prompt_len, reason, why)
-    record_skip(reason, policy=config.policy)
+    record_skip(reason, policy=config.policy, layout=config.layout)
 
 
 def _around_request_level_key(original: Any, streamer: Any, key: str, *args: Any, **kwargs: Any) -> bool:

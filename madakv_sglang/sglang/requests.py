@@ -67,6 +67,11 @@ def request_config(custom_params: Mapping[str, Any] | None, base: PolicyConfig) 
         check_servable(config)
     except ConfigError as err:
         raise ConfigError(f"custom_params.{_rename(str(err))}") from None
+    if config.layout != base.layout:
+        raise ConfigError(
+            f"custom_params.{KEY_PREFIX}layout: the KV layout is a property of the server's KV pool, set at start-up "
+            f"with --kv-layout (this server runs {base.layout!r}); a request cannot change it"
+        )
     return config
 
 
