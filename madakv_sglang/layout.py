@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LAYOUTS = ("shared", "per-layer")
+from madakv_sglang.config import LAYOUTS
+
 # Cell ids travel as int32 (FlashInfer's page indices, the Triton tables): a shared pool must have fewer cells.
 MAX_CELLS = 2**31
 
@@ -64,21 +65,19 @@ def shared_cell_count(num_layers: int, rows: int, heads: int) -> int:
 
 @dataclass
 class PackPlan:
-    """Cell moves and index tables for one request on one rank.
+    """Cell moves and index tables for one request on one rank (ids as ``pack_plan``'s ``rows`` chose).
 
     Attributes:
         src: per layer ``[C_l]`` cells holding the kept entries now (ordered by head, then position).
         dst: per layer ``[C_l]`` cells they move to (inside the first M slots).
         indptr: ``[L, H_r + 1]`` int64; head h of layer l owns ``dst[l][indptr[l, h]:indptr[l, h + 1]]``.
         positions: per layer ``[C_l]`` prompt positions of the entries (ascending per head).
-        layout: ``per-layer`` (ids inside the layer's buffer) or ``shared`` (ids into the all-layer allocation).
     """
 
     src: list[Tensor]
     dst: list[Tensor]
     indptr: Tensor
     positions: list[Tensor]
-    layout: str
 
 
 def pack_plan(keep: Tensor, prompt_slots: Tensor, target_slots: Tensor, rows: int | None = None) -> PackPlan:
@@ -117,7 +116,6 @@ def pack_plan(keep: Tensor, prompt_slots: Tensor, target_slots: Tensor, rows: in
         dst=list(dst.split(sizes)),
         indptr=indptr,
         positions=list(pos.split(sizes)),
-        layout="per-layer" if rows is None else "shared",
     )
 
 
