@@ -34,7 +34,7 @@ from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, ma
 from benchmarks.needles.suite import png_data_url
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
-from madakv_sglang.serving import exit_on_sigterm
+from madakv_sglang.server_process import exit_on_sigterm
 
 # name -> the PolicyConfig fields beyond policy and budget (the ablations are madakv with one idea off)
 POLICIES: dict[str, dict[str, Any]] = {
@@ -84,8 +84,9 @@ def policy_config(name: str, budget: float, window: int, sink: int = DEFAULT_SIN
     return PolicyConfig(budget=str(budget), window=window, sink=sink, min_prompt=0, **fields)
 
 
-def run_hf(model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str, Any], name: str, budget: float,
-           window: int) -> Run:
+def run_hf(
+    model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str, Any], name: str, budget: float, window: int
+) -> Run:
     """``inputs``: the sample's ``prompt_inputs``, built once for every policy and budget."""
     from madakv_sglang import hf
 
@@ -94,20 +95,41 @@ def run_hf(model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str
     prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
     counts = result.selection.all_head_counts
     kept = {layout: int(slot_count(counts, layout=layout)[0]) for layout in ("shared", "per-layer")}
-    return Run("hf", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
-               is_correct(prediction, sample.answer), result.prompt_len, kept["shared"], "shared", kept["per-layer"])
+    return Run(
+        "hf",
+        name,
+        budget,
+        sample.config.task,
+        sample.meta["seed"],
+        sample.answer,
+        prediction,
+        is_correct(prediction, sample.answer),
+        result.prompt_len,
+        kept["shared"],
+        "shared",
+        kept["per-layer"],
+    )
 
 
-def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, window: int, max_new_tokens: int,
-               sink: int = DEFAULT_SINK) -> tuple[str, int, int]:
+def ask_engine(
+    server: Any,
+    request: dict[str, Any],
+    name: str,
+    budget: float,
+    window: int,
+    max_new_tokens: int,
+    sink: int = DEFAULT_SINK,
+) -> tuple[str, int, int]:
     """POST ``request`` (``text``, ``image_data``, ...) to ``/generate`` greedily with the policy and budget in
     ``custom_params``; returns (prediction, prompt tokens, slots the request kept after compression under the
     server's layout)."""
     config = policy_config(name, budget, window, sink)
     # The layout is the server's (a request cannot change it): the slots reported are the server's layout's.
     custom = {f"kv_{key}": value for key, value in config.to_strings().items() if key != "layout"}
-    output = server.post("/generate", {**request, "sampling_params": {
-        "temperature": 0, "max_new_tokens": max_new_tokens, "custom_params": custom}})
+    output = server.post(
+        "/generate",
+        {**request, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "custom_params": custom}},
+    )
     prompt_len = int(output["meta_info"]["prompt_tokens"])
     report = output["meta_info"].get("madakv") or [{}]
     return str(output["text"]), prompt_len, int(report[0].get("kept_slots", prompt_len))
@@ -115,17 +137,31 @@ def ask_engine(server: Any, request: dict[str, Any], name: str, budget: float, w
 
 def engine_request(processor: Any, sample: NeedleSample) -> dict[str, Any]:
     """The sample's ``/generate`` body without sampling parameters (the chat text and PNG data URLs)."""
-    return {"text": prompt_text(processor, sample),
-            "image_data": [png_data_url(image) for image in sample.images] or None}
+    return {
+        "text": prompt_text(processor, sample),
+        "image_data": [png_data_url(image) for image in sample.images] or None,
+    }
 
 
-def run_engine(server: Any, sample: NeedleSample, request: dict[str, Any], name: str, budget: float,
-               window: int, layout: str) -> Run:
+def run_engine(
+    server: Any, sample: NeedleSample, request: dict[str, Any], name: str, budget: float, window: int, layout: str
+) -> Run:
     """``request``: the sample's :func:`engine_request`, built once for every policy and budget; ``layout``: the
     server's."""
     prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, MAX_NEW_TOKENS)
-    return Run("engine", name, budget, sample.config.task, sample.meta["seed"], sample.answer, prediction,
-               is_correct(prediction, sample.answer), prompt_len, kept, layout)
+    return Run(
+        "engine",
+        name,
+        budget,
+        sample.config.task,
+        sample.meta["seed"],
+        sample.answer,
+        prediction,
+        is_correct(prediction, sample.answer),
+        prompt_len,
+        kept,
+        layout,
+    )
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -136,14 +172,19 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     cells = []
     for (path, policy, budget, task), members in sorted(groups.items()):
         cell = {
-            "path": path, "policy": policy, "budget": budget, "task": task, "samples": len(members),
+            "path": path,
+            "policy": policy,
+            "budget": budget,
+            "task": task,
+            "samples": len(members),
             "accuracy": sum(r.correct for r in members) / len(members),
             "layout": members[0].layout,
             "slot_fraction": sum(r.kept_slots / r.prompt_len for r in members) / len(members),
         }
         if all(r.kept_slots_per_layer is not None for r in members):
-            cell["slot_fraction_per_layer"] = sum(
-                (r.kept_slots_per_layer or 0) / r.prompt_len for r in members) / len(members)
+            cell["slot_fraction_per_layer"] = sum((r.kept_slots_per_layer or 0) / r.prompt_len for r in members) / len(
+                members
+            )
         cells.append(cell)
     return {"cells": cells, "agreement": _agreement(runs)}
 
@@ -154,8 +195,18 @@ def _agreement(runs: list[Run]) -> dict[str, Any]:
     for run in runs:
         by_key[(run.policy, run.budget, run.task, run.seed)][run.path] = run
     pairs = [(v["hf"], v["engine"]) for v in by_key.values() if "hf" in v and "engine" in v]
-    differ = [{"policy": h.policy, "budget": h.budget, "task": h.task, "seed": h.seed, "hf": h.prediction,
-               "engine": e.prediction} for h, e in pairs if h.prediction.strip() != e.prediction.strip()]
+    differ = [
+        {
+            "policy": h.policy,
+            "budget": h.budget,
+            "task": h.task,
+            "seed": h.seed,
+            "hf": h.prediction,
+            "engine": e.prediction,
+        }
+        for h, e in pairs
+        if h.prediction.strip() != e.prediction.strip()
+    ]
     return {"pairs": len(pairs), "same_answer": len(pairs) - len(differ), "differences": differ}
 
 
@@ -167,8 +218,10 @@ def markdown_table(summary: dict[str, Any], path: str, tasks: list[str] | None =
     layout = cells[0].get("layout", "shared") if cells else "shared"
     both = bool(cells) and all("slot_fraction_per_layer" in c for c in cells)
     columns = [f"slots kept ({layout})", *(["slots kept (per-layer)"] if both else [])]
-    lines = [f"| policy | budget | {' | '.join(tasks)} | {' | '.join(columns)} |",
-             "|---|---|" + "---|" * (len(tasks) + len(columns))]
+    lines = [
+        f"| policy | budget | {' | '.join(tasks)} | {' | '.join(columns)} |",
+        "|---|---|" + "---|" * (len(tasks) + len(columns)),
+    ]
     keys = sorted({(c["policy"], c["budget"]) for c in cells}, key=lambda k: (list(POLICIES).index(k[0]), k[1]))
     for policy, budget in keys:
         row = {c["task"]: c for c in cells if (c["policy"], c["budget"]) == (policy, budget)}
@@ -198,25 +251,41 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
 
     cells = [c for c in summary["cells"] if c["path"] == path and c["task"] != "absent"]
     tasks = sorted({c["task"] for c in cells}, key=_task_order)
-    markers, dashes = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
-    colours = [*plt.get_cmap("tab10").colors, "black"]  # one per policy: tab10 alone repeats after ten
+    # One colour and one marker per policy (tab20 has 20 colours, and there are as many markers as policies).
+    markers, dashes = "osD^vP*Xh<>pd8H", ["-", "--", "-.", ":"]
+    colours = plt.get_cmap("tab20").colors
+    assert len(POLICIES) <= min(len(markers), len(colours)), "add markers or colours for the new policies"
     written = []
     layout = cells[0].get("layout", "shared") if cells else "shared"
-    axes_wanted = [("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
-                   ("slot_fraction", f"slots held after compression (M / n, {layout} layout)", "accuracy_vs_slots.png")]
+    axes_wanted = [
+        ("budget", "nominal budget (fraction of the prompt)", "accuracy_vs_budget.png"),
+        ("slot_fraction", f"slots held after compression (M / n, {layout} layout)", "accuracy_vs_slots.png"),
+    ]
     if cells and all("slot_fraction_per_layer" in c for c in cells):
-        axes_wanted.append(("slot_fraction_per_layer", "slots held after compression (M / n, per-layer layout)",
-                            "accuracy_vs_slots_per_layer.png"))
+        axes_wanted.append(
+            (
+                "slot_fraction_per_layer",
+                "slots held after compression (M / n, per-layer layout)",
+                "accuracy_vs_slots_per_layer.png",
+            )
+        )
     for x_key, label, name in axes_wanted:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), sharey=True, squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
             for index, policy in enumerate(POLICIES):
-                points = sorted((c["budget"], c[x_key], c["accuracy"]) for c in cells
-                                if c["policy"] == policy and c["task"] == task)
+                points = sorted(
+                    (c["budget"], c[x_key], c["accuracy"]) for c in cells if c["policy"] == policy and c["task"] == task
+                )
                 if points:
-                    ax.plot([p[1] for p in points], [p[2] for p in points], label=policy, alpha=0.85,
-                            color=colours[index % len(colours)], marker=markers[index % len(markers)],
-                            linestyle=dashes[index % len(dashes)])
+                    ax.plot(
+                        [p[1] for p in points],
+                        [p[2] for p in points],
+                        label=policy,
+                        alpha=0.85,
+                        color=colours[index % len(colours)],
+                        marker=markers[index % len(markers)],
+                        linestyle=dashes[index % len(dashes)],
+                    )
             ax.set_title(task)
             ax.set_xlabel(label)
             ax.set_ylim(-0.02, 1.02)
@@ -241,10 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--seed", type=int, default=10_000, help="first sample seed (keep clear of training seeds)")
     parser.add_argument("--path", choices=["hf", "engine", "both"], default="hf")
-    parser.add_argument("--layout", choices=["shared", "per-layer"], default="shared",
-                        help="the engine server's --kv-layout (the HF path reports both)")
-    parser.add_argument("--concurrency", type=int, default=8,
-                        help="engine requests in flight; SGLang batches them (each request's eviction is its own)")
+    parser.add_argument(
+        "--layout",
+        choices=["shared", "per-layer"],
+        default="shared",
+        help="the engine server's --kv-layout (the HF path reports both)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="engine requests in flight; SGLang batches them (each request's eviction is its own)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -266,25 +343,47 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForImageTextToText.from_pretrained(args.model, torch_dtype=torch.float32).eval()
         inputs = [prompt_inputs(processor, s) for s in samples]
         for name, budget in tqdm(grid, desc="HF path", file=sys.stderr):
-            runs += [run_hf(model, processor, s, x, name, budget, args.window) for s, x in zip(samples, inputs)]
+            runs += [
+                run_hf(model, processor, s, x, name, budget, args.window) for s, x in zip(samples, inputs, strict=True)
+            ]
     if args.path in ("engine", "both"):
-        from madakv_sglang.serving import Server
+        from madakv_sglang.server_process import Server
 
         args.out.mkdir(parents=True, exist_ok=True)
-        server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window),
-                       "--kv-layout", args.layout]
+        server_args = [
+            "--max-total-tokens",
+            "16384",
+            "--kv-policy",
+            "madakv",
+            "--kv-window",
+            str(args.window),
+            "--kv-layout",
+            args.layout,
+        ]
         requests = [engine_request(processor, s) for s in samples]
-        with Server(args.model, server_args, args.out / "server.log") as server:
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                for name, budget in tqdm([g for g in grid if g[0] not in HF_ONLY], desc="engine", file=sys.stderr):
-                    runs += pool.map(lambda s, r: run_engine(server, s, r, name, budget, args.window, args.layout),
-                                     samples, requests)
+        with (
+            Server(args.model, server_args, args.out / "server.log") as server,
+            ThreadPoolExecutor(args.concurrency) as pool,
+        ):
+            for name, budget in tqdm([g for g in grid if g[0] not in HF_ONLY], desc="engine", file=sys.stderr):
+                runs += pool.map(
+                    lambda s, r, name=name, budget=budget: run_engine(
+                        server, s, r, name, budget, args.window, args.layout
+                    ),
+                    samples,
+                    requests,
+                )
     summary = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "seconds": time.perf_counter() - started, "model": str(args.model),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "summary": summary, "runs": [asdict(r) for r in runs]}
+    record = {
+        "command": command,
+        "seconds": time.perf_counter() - started,
+        "model": str(args.model),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+    }
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     paths = ["hf", "engine"] if args.path == "both" else [args.path]
     tables = [f"### {p} path\n\n{markdown_table(summary, p)}" for p in paths]

@@ -11,7 +11,7 @@ budget 10% and batch 1, 8, 32, one layer:
 - bandwidth: the bytes the kept cells need (K + V + int32 indices) over the time, against the measured
   device-to-device copy bandwidth;
 - window scores (torch, fp32) at n = 32k against SDPA causal prefill of the same layer, to decide whether a
-  score kernel is worth writing (DESIGN: only if it costs more than 5% of prefill).
+  score kernel is worth writing (only if it costs more than 5% of prefill).
 
 Timings are CUDA-event medians over repeated runs after warm-up. Needs CUDA and flashinfer-python.
 """
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from madakv_sglang.kernels import available_backends, headwise_decode
+from madakv_sglang.kernels.torch_decode import headwise_decode as reference_decode
 from madakv_sglang.policies.scoring import window_scores
-from madakv_sglang.reference import headwise_decode as reference_decode
 
 SHAPES = {"qwen2.5-vl-7b": (28, 4, 128), "llava-1.5-7b": (32, 32, 128)}
 # bf16 outputs of unit-scale attention against the float32 reference (see tests/test_kernels_flashinfer.py).
@@ -68,13 +68,23 @@ def dense_decode_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: in
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=group >= 4)
     indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * n
     indices = torch.arange(batch * n, dtype=torch.int32, device="cuda")
-    wrapper.plan(indptr, indices, torch.ones(batch, dtype=torch.int32, device="cuda"), q.shape[1], hkv,
-                 q.shape[2], 1, q_data_type=q.dtype, kv_data_type=k.dtype)
+    wrapper.plan(
+        indptr,
+        indices,
+        torch.ones(batch, dtype=torch.int32, device="cuda"),
+        q.shape[1],
+        hkv,
+        q.shape[2],
+        1,
+        q_data_type=q.dtype,
+        kv_data_type=k.dtype,
+    )
     return time_ms(lambda: wrapper.run(q, (k, v)))
 
 
-def headwise_case(hq: int, hkv: int, dim: int, batch: int, n: int, budget: float, generator: torch.Generator,
-                  copy_gbs: float) -> list[dict[str, Any]]:
+def headwise_case(
+    hq: int, hkv: int, dim: int, batch: int, n: int, budget: float, generator: torch.Generator, copy_gbs: float
+) -> list[dict[str, Any]]:
     dtype = torch.bfloat16
     slots = batch * n
     k = torch.randn(slots, hkv, dim, dtype=dtype, device="cuda")
@@ -101,13 +111,23 @@ def headwise_case(hq: int, hkv: int, dim: int, batch: int, n: int, budget: float
     for backend in [b for b in available_backends() if b != "torch"]:
         out, _ = headwise_decode(q, k_cells, v_cells, indptr, indices, hkv, scale, backend=backend)
         error = float((out.float() - expected).abs().max())
-        ms = time_ms(lambda: headwise_decode(q, k_cells, v_cells, indptr, indices, hkv, scale, backend=backend))
-        rows.append({
-            "kernel": backend, "batch": batch, "max_abs_error": error, "ok": error <= CHECK_TOLERANCE,
-            "ms": ms, "dense_ms": dense, "speedup_vs_dense": dense / ms,
-            "achieved_gbs": useful_bytes / ms / 1e6, "copy_gbs": copy_gbs,
-            "fraction_of_bandwidth": useful_bytes / ms / 1e6 / copy_gbs,
-        })
+        ms = time_ms(
+            lambda backend=backend: headwise_decode(q, k_cells, v_cells, indptr, indices, hkv, scale, backend=backend)
+        )
+        rows.append(
+            {
+                "kernel": backend,
+                "batch": batch,
+                "max_abs_error": error,
+                "ok": error <= CHECK_TOLERANCE,
+                "ms": ms,
+                "dense_ms": dense,
+                "speedup_vs_dense": dense / ms,
+                "achieved_gbs": useful_bytes / ms / 1e6,
+                "copy_gbs": copy_gbs,
+                "fraction_of_bandwidth": useful_bytes / ms / 1e6 / copy_gbs,
+            }
+        )
     return rows
 
 
@@ -115,8 +135,9 @@ def window_score_share(hq: int, hkv: int, dim: int, n: int, window: int) -> dict
     q = torch.randn(1, hq, n, dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(1, hkv, n, dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
-    prefill = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                               enable_gqa=True), repeats=10)
+    prefill = time_ms(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), repeats=10
+    )
     q_window = q[0, :, -window:].transpose(0, 1).contiguous()  # [W, Hq, D]
     keys = k[0].transpose(0, 1).contiguous()  # [n, H, D]
     scores = time_ms(lambda: window_scores(q_window, keys, scale=dim**-0.5), repeats=10)
@@ -136,8 +157,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     device = torch.cuda.get_device_name()
-    print(f"{device}; torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s; context {args.context}, "
-          f"budget {args.budget}")
+    print(
+        f"{device}; torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s; context {args.context}, "
+        f"budget {args.budget}"
+    )
     results: dict[str, Any] = {"device": device, "host": platform.node(), "copy_gbs": copy_gbs, "cases": []}
     print(f"{'shape':15} {'batch':>5} {'kernel':>10} {'ok':>3} {'ms':>8} {'dense ms':>9} {'speed-up':>8} {'of bw':>6}")
     for name, (hq, hkv, dim) in SHAPES.items():
@@ -145,13 +168,17 @@ def main() -> None:
             for row in headwise_case(hq, hkv, dim, batch, args.context, args.budget, generator, copy_gbs):
                 row["shape"] = name
                 results["cases"].append(row)
-                print(f"{name:15} {batch:5d} {row['kernel']:>10} {'yes' if row['ok'] else 'NO':>3} {row['ms']:8.3f} "
-                      f"{row['dense_ms']:9.3f} {row['speedup_vs_dense']:7.1f}x {row['fraction_of_bandwidth']:6.0%}")
+                print(
+                    f"{name:15} {batch:5d} {row['kernel']:>10} {'yes' if row['ok'] else 'NO':>3} {row['ms']:8.3f} "
+                    f"{row['dense_ms']:9.3f} {row['speedup_vs_dense']:7.1f}x {row['fraction_of_bandwidth']:6.0%}"
+                )
             torch.cuda.empty_cache()
         share = window_score_share(hq, hkv, dim, args.context, args.window)
         results[f"window_scores_{name}"] = share
-        print(f"{name}: window scores {share['window_scores_ms']:.2f} ms vs causal prefill {share['prefill_ms']:.2f} ms "
-              f"per layer ({share['share']:.1%})")
+        print(
+            f"{name}: window scores {share['window_scores_ms']:.2f} ms vs causal prefill {share['prefill_ms']:.2f} ms "
+            f"per layer ({share['share']:.1%})"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

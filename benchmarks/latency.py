@@ -45,17 +45,48 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     # Qwen2.5-VL-7B-Instruct's language model; a 448x448 image is 256 tokens after the 2x2 merge.
-    "qwen2.5-vl-7b": Shape("Qwen2Config", {
-        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1_000_000.0}, 151655, 256),
+    "qwen2.5-vl-7b": Shape(
+        "Qwen2Config",
+        {
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "rope_theta": 1_000_000.0,
+        },
+        151655,
+        256,
+    ),
     # LLaVA-1.5-7B's language model (Llama-2-7B, vocab grown by the image token); 576 tokens per image.
-    "llava-1.5-7b": Shape("LlamaConfig", {
-        "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32}, 32000, 576),
+    "llava-1.5-7b": Shape(
+        "LlamaConfig",
+        {
+            "vocab_size": 32064,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+        32000,
+        576,
+    ),
     # For CPU checks of this script.
-    "tiny": Shape("Qwen2Config", {
-        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}, 500, 16),
+    "tiny": Shape(
+        "Qwen2Config",
+        {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        500,
+        16,
+    ),
 }
 
 
@@ -79,32 +110,37 @@ def build_model(shape: Shape, context: int, device: torch.device, dtype: torch.d
     import transformers
 
     config = getattr(transformers, shape.architecture)(
-        **shape.config, max_position_embeddings=context + 1024, tie_word_embeddings=False)
-    config.image_token_id = shape.image_token_id  # read by hf.visual_mask: these positions count as visual
+        **shape.config, max_position_embeddings=context + 1024, tie_word_embeddings=False
+    )
+    config.image_token_id = shape.image_token_id  # read by hf.placeholder_mask: these positions count as visual
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
-def prompt_ids(shape: Shape, context: int, visual_share: float, window: int, generator: torch.Generator
-               ) -> torch.Tensor:
+def prompt_ids(
+    shape: Shape, context: int, visual_share: float, window: int, generator: torch.Generator
+) -> torch.Tensor:
     """``[1, context]`` ids: text and whole images interleaved, ending in at least ``window`` text tokens."""
     images = int(visual_share * context) // shape.image_tokens
     text = context - images * shape.image_tokens
     if images < 1 or text < window + images:
-        raise ValueError(f"n={context} cannot hold {visual_share:.0%} visual tokens in {shape.image_tokens}-token "
-                         f"images and a {window}-token question")
+        raise ValueError(
+            f"n={context} cannot hold {visual_share:.0%} visual tokens in {shape.image_tokens}-token "
+            f"images and a {window}-token question"
+        )
     ids = torch.randint(0, shape.image_token_id, (context,), generator=generator)  # text: never the image id
     gap = (text - window) // images  # text tokens before each image
     for i in range(images):
         start = (i + 1) * gap + i * shape.image_tokens
-        ids[start:start + shape.image_tokens] = shape.image_token_id
+        ids[start : start + shape.image_tokens] = shape.image_token_id
     return ids[None]
 
 
-def measure(model: Any, shape: str, ids: torch.Tensor, name: str, budget: float, window: int, decode_tokens: int
-            ) -> Row:
+def measure(
+    model: Any, shape: str, ids: torch.Tensor, name: str, budget: float, window: int, decode_tokens: int
+) -> Row:
     """One policy x budget on one prompt; the ratios against full are filled in by the caller."""
     # no eos: exactly decode_tokens steps after the first token
     result = hf.generate(model, {"input_ids": ids}, policy_config(name, budget, window), decode_tokens + 1)
@@ -112,19 +148,30 @@ def measure(model: Any, shape: str, ids: torch.Tensor, name: str, budget: float,
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cell_bytes = 2 * head_dim * next(model.parameters()).element_size()  # one K and one V vector
-    visual = int(hf.visual_mask(model, ids).sum())  # the positions the policies treat as image tokens
-    return Row(shape=shape, context=ids.shape[1], visual_tokens=visual, policy=name,
-               budget=budget if name != "full" else 1.0,
-               decode_ms=1e3 * statistics.median(steps), kv_bytes_full=result.kv_bytes_full,
-               kv_bytes_padded=result.kv_bytes_kept, kv_bytes_kept=int(result.selection.keep.sum()) * cell_bytes)
+    visual = int(hf.placeholder_mask(model, ids).sum())  # the positions the policies treat as image tokens
+    return Row(
+        shape=shape,
+        context=ids.shape[1],
+        visual_tokens=visual,
+        policy=name,
+        budget=budget if name != "full" else 1.0,
+        decode_ms=1e3 * statistics.median(steps),
+        kv_bytes_full=result.kv_bytes_full,
+        kv_bytes_padded=result.kv_bytes_kept,
+        kv_bytes_kept=int(result.selection.keep.sum()) * cell_bytes,
+    )
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| shape | n | policy | budget | decode ms/token | speed-up vs full | KV MiB kept (padded) | KV vs full |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| shape | n | policy | budget | decode ms/token | speed-up vs full | KV MiB kept (padded) | KV vs full |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.shape} | {r.context} | {r.policy} | {r.budget:g} | {r.decode_ms:.2f} | {r.speedup:.2f}x | "
-                     f"{r.kv_bytes_kept / 2**20:.1f} ({r.kv_bytes_padded / 2**20:.1f}) | {r.kv_ratio:.3f} |")
+        lines.append(
+            f"| {r.shape} | {r.context} | {r.policy} | {r.budget:g} | {r.decode_ms:.2f} | {r.speedup:.2f}x | "
+            f"{r.kv_bytes_kept / 2**20:.1f} ({r.kv_bytes_padded / 2**20:.1f}) | {r.kv_ratio:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -150,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         warm = prompt_ids(shape, min(args.contexts), args.visual_share, args.window, torch.Generator().manual_seed(0))
         measure(model, shape_name, warm.to(device), "full", 1.0, args.window, 2)  # first-call costs, not timed
         for context in args.contexts:
-            ids = prompt_ids(shape, context, args.visual_share, args.window,
-                             torch.Generator().manual_seed(context)).to(device)
+            ids = prompt_ids(shape, context, args.visual_share, args.window, torch.Generator().manual_seed(context)).to(
+                device
+            )
             grid = [("full", 1.0)] + [(p, b) for p in args.policies for b in args.budgets]
             block = []
             for name, budget in grid:
@@ -167,10 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     command = "python -m benchmarks.latency " + " ".join(argv if argv is not None else sys.argv[1:])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
-    record = {"command": command, "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
-              "seconds": round(time.perf_counter() - started, 1),
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "rows": [asdict(r) for r in rows]}
+    record = {
+        "command": command,
+        "device": device_name,
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": [asdict(r) for r in rows],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"`{command}` on {device_name}\n\n{markdown(rows)}")

@@ -29,7 +29,7 @@ the exact client command, and the host's load average around each run: on a shar
 move with other people's work, the slot and concurrency numbers do not.
 
 On CPU (the default) it serves the tiny random Qwen2-VL of :mod:`madakv_sglang.checkpoints` (224x224 image =
-64 visual tokens) through :class:`madakv_sglang.serving.Server`; the numbers show the mechanism (a compressed
+64 visual tokens) through :class:`madakv_sglang.server_process.Server`; the numbers show the mechanism (a compressed
 prompt leaves room for more requests), not GPU speed. ``--print-gpu-commands`` prints the same benchmark for a
 GPU server with a real model (Qwen2.5-VL-7B, 200 prompts of 4 x 720p images, 64k-slot pool) as shell commands;
 ``--summarize DIR`` turns their logs and JSON into the same report (each log read from the client's first call).
@@ -61,15 +61,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from madakv_sglang.serving import Server
+    from madakv_sglang.server_process import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # SGLang's --output-file keys we report, each also as a ratio against full.
 CLIENT_METRICS = (
-    "request_throughput", "output_throughput",
-    "mean_ttft_ms", "median_ttft_ms", "mean_itl_ms", "median_itl_ms",
-    "mean_tpot_ms", "median_tpot_ms", "mean_e2e_latency_ms", "median_e2e_latency_ms",
+    "request_throughput",
+    "output_throughput",
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "mean_itl_ms",
+    "median_itl_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "mean_e2e_latency_ms",
+    "median_e2e_latency_ms",
 )
 # From the server log, also as ratios.
 SERVER_METRICS = ("peak_running_requests", "peak_kv_slots", "peak_held_kv_slots")
@@ -104,8 +111,11 @@ class PolicySpec:
             if rest:
                 raise ConfigError(f"{text!r}: full keeps every token; it takes no budget or layout")
             return cls("full")
-        config = PolicyConfig(policy=name, budget=Budget.parse(budget) if budget else PolicyConfig().budget,
-                              layout=layout or PolicyConfig().layout)
+        config = PolicyConfig(
+            policy=name,
+            budget=Budget.parse(budget) if budget else PolicyConfig().budget,
+            layout=layout or PolicyConfig().layout,
+        )
         return cls(name, str(config.budget), layout or None)
 
     @property
@@ -134,10 +144,22 @@ class Workload:
     seed: int
 
     def client_args(self, input_len: int) -> list[str]:
-        args = ["--dataset-name", self.dataset, "--num-prompts", str(self.num_prompts),
-                "--random-input-len", str(input_len), "--random-output-len", str(self.output_len),
-                "--random-range-ratio", "1.0",  # exact lengths: 0.0 would draw each in [1, len]
-                "--request-rate", "inf", "--seed", str(self.seed)]
+        args = [
+            "--dataset-name",
+            self.dataset,
+            "--num-prompts",
+            str(self.num_prompts),
+            "--random-input-len",
+            str(input_len),
+            "--random-output-len",
+            str(self.output_len),
+            "--random-range-ratio",
+            "1.0",  # exact lengths: 0.0 would draw each in [1, len]
+            "--request-rate",
+            "inf",
+            "--seed",
+            str(self.seed),
+        ]
         if self.dataset == "image":
             args += ["--image-count", str(self.image_count), "--image-resolution", self.image_resolution]
         return args
@@ -215,10 +237,16 @@ def parse_server_log(text: str, pool_slots: int | None = None) -> LogStats:
         reclaimed += freed
         used.append(total - available + freed)
     errors = _ERROR.findall(text)
-    return LogStats(pool_slots=pool_slots, peak_running_requests=max(running), peak_kv_slots=max(used + held),
-                    peak_held_kv_slots=max(held), reclaimed_slots=reclaimed,
-                    retracted_requests=sum(int(n) for n in _RETRACT.findall(text)),
-                    failed_requests=len(errors), first_error=errors[0].strip() if errors else None)
+    return LogStats(
+        pool_slots=pool_slots,
+        peak_running_requests=max(running),
+        peak_kv_slots=max(used + held),
+        peak_held_kv_slots=max(held),
+        reclaimed_slots=reclaimed,
+        retracted_requests=sum(int(n) for n in _RETRACT.findall(text)),
+        failed_requests=len(errors),
+        first_error=errors[0].strip() if errors else None,
+    )
 
 
 def check_all_served(name: str, client: dict[str, Any], stats: LogStats, num_prompts: int) -> None:
@@ -227,7 +255,8 @@ def check_all_served(name: str, client: dict[str, Any], stats: LogStats, num_pro
     if stats.failed_requests or completed != num_prompts:
         raise RuntimeError(
             f"{name}: {stats.failed_requests} of {num_prompts} requests failed in the server (first: "
-            f"{stats.first_error!r}); SGLang's client reports {completed} completed. No numbers are reported.")
+            f"{stats.first_error!r}); SGLang's client reports {completed} completed. No numbers are reported."
+        )
 
 
 # ---- SGLang's client ----
@@ -248,9 +277,22 @@ def run_sglang_client(wait: bool = False) -> None:
 
 def client_command(model: str, port: int, workload: Workload, input_len: int, output_file: Path) -> list[str]:
     """SGLang's client against ``--backend sglang`` (``/generate``, image data URLs, streamed)."""
-    return ["--backend", "sglang", "--host", "127.0.0.1", "--port", str(port), "--model", model,
-            "--tokenizer", model, *workload.client_args(input_len), "--output-file", str(output_file),
-            "--disable-tqdm"]
+    return [
+        "--backend",
+        "sglang",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model,
+        "--tokenizer",
+        model,
+        *workload.client_args(input_len),
+        "--output-file",
+        str(output_file),
+        "--disable-tqdm",
+    ]
 
 
 def read_client_result(path: Path) -> dict[str, Any]:
@@ -273,8 +315,10 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         base = full.get((run["round"], run["input_len"]))
         if base is None:
-            raise ValueError(f"no full run at input length {run['input_len']} in round {run['round']} "
-                             f"to compare {run['config']} with")
+            raise ValueError(
+                f"no full run at input length {run['input_len']} in round {run['round']} "
+                f"to compare {run['config']} with"
+            )
         ratios: dict[str, float | None] = {}
         for key in (*CLIENT_METRICS, *SERVER_METRICS):
             value, reference = run["metrics"].get(key), base["metrics"].get(key)
@@ -292,10 +336,17 @@ def summarize_rounds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (config, input_len), group in groups.items():
         first = group[0]
-        row: dict[str, Any] = {"config": config, "policy": first["policy"], "budget": first["budget"],
-                               "input_len": input_len, "rounds": len(group), "metrics": {}, "ratios": {},
-                               "ratio_range": {}, "server": {"retracted_requests": sum(
-                                   run["server"]["retracted_requests"] for run in group)}}
+        row: dict[str, Any] = {
+            "config": config,
+            "policy": first["policy"],
+            "budget": first["budget"],
+            "input_len": input_len,
+            "rounds": len(group),
+            "metrics": {},
+            "ratios": {},
+            "ratio_range": {},
+            "server": {"retracted_requests": sum(run["server"]["retracted_requests"] for run in group)},
+        }
         for key in first["metrics"]:
             row["metrics"][key] = _median([run["metrics"].get(key) for run in group])
             ratios = [run["ratios"].get(key) for run in group]
@@ -313,26 +364,42 @@ def _median(values: list[Any]) -> float | int | None:
     return statistics.median(values)
 
 
-def make_run(spec: PolicySpec, input_len: int, client: dict[str, Any], stats: LogStats,
-             server_args: list[str], client_args: list[str], round_index: int = 0) -> dict[str, Any]:
+def make_run(
+    spec: PolicySpec,
+    input_len: int,
+    client: dict[str, Any],
+    stats: LogStats,
+    server_args: list[str],
+    client_args: list[str],
+    round_index: int = 0,
+) -> dict[str, Any]:
     client = dict(client)
     load = client.pop("host_load_1m", None)
     metrics = {key: client.get(key) for key in CLIENT_METRICS}
     metrics.update({key: getattr(stats, key) for key in SERVER_METRICS})
     return {
-        "config": spec.label, "policy": spec.policy, "budget": spec.budget, "input_len": input_len,
+        "config": spec.label,
+        "policy": spec.policy,
+        "budget": spec.budget,
+        "input_len": input_len,
         "round": round_index,
-        "completed": client.get("completed"), "duration_s": client.get("duration"),
+        "completed": client.get("completed"),
+        "duration_s": client.get("duration"),
         "total_input_tokens": client.get("total_input_tokens"),
         "total_input_vision_tokens": client.get("total_input_vision_tokens"),
-        "total_output_tokens": client.get("total_output_tokens"), "host_load_1m": load,
-        "metrics": metrics, "server": asdict(stats), "sglang": client,
-        "server_args": server_args, "client_command": "python -m sglang.benchmark.serving " + shlex.join(client_args),
+        "total_output_tokens": client.get("total_output_tokens"),
+        "host_load_1m": load,
+        "metrics": metrics,
+        "server": asdict(stats),
+        "sglang": client,
+        "server_args": server_args,
+        "client_command": "python -m sglang.benchmark.serving " + shlex.join(client_args),
     }
 
 
-def _measure(server: Server, client: subprocess.Popen[str], output: Path,
-             timeout: float) -> tuple[dict[str, Any], LogStats]:
+def _measure(
+    server: Server, client: subprocess.Popen[str], output: Path, timeout: float
+) -> tuple[dict[str, Any], LogStats]:
     """Let the waiting client go against ``server``; SGLang's result and the stats of the log it caused."""
     start = len(server.log())  # the client's run only: not the server's own warm-up request
     load_before = os.getloadavg()[0]
@@ -360,8 +427,9 @@ def server_pool(server: Server) -> int | None:
     return int(pools[-1]) if pools else None
 
 
-def measurement_order(specs: list[PolicySpec], input_lens: list[int],
-                      repeats: int) -> list[tuple[int, int, PolicySpec]]:
+def measurement_order(
+    specs: list[PolicySpec], input_lens: list[int], repeats: int
+) -> list[tuple[int, int, PolicySpec]]:
     """(round, input length, configuration) in the order they are measured.
 
     Every round measures every configuration; odd rounds go backwards (A B C, C B A, ...), so a drift in the
@@ -370,26 +438,41 @@ def measurement_order(specs: list[PolicySpec], input_lens: list[int],
     one_round = [(input_len, spec) for input_len in input_lens for spec in specs]
     order = []
     for round_index in range(repeats):
-        for input_len, spec in (one_round if round_index % 2 == 0 else one_round[::-1]):
+        for input_len, spec in one_round if round_index % 2 == 0 else one_round[::-1]:
             order.append((round_index, input_len, spec))
     return order
 
 
-def run_cpu(model: Path, specs: list[PolicySpec], input_lens: list[int], workload: Workload, pool: int,
-            window: int | None, extra_server_args: list[str], log_dir: Path,
-            client_timeout: float, repeats: int = 1) -> list[dict[str, Any]]:
+def run_cpu(
+    model: Path,
+    specs: list[PolicySpec],
+    input_lens: list[int],
+    workload: Workload,
+    pool: int,
+    window: int | None,
+    extra_server_args: list[str],
+    log_dir: Path,
+    client_timeout: float,
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
     """One server after another, each measured alone, ``repeats`` rounds (see :func:`measurement_order`). Two
     overlaps save time without touching a measurement: the client imports while its server starts, and a
     measured server stops while the next one starts (the next measurement waits for it to be gone)."""
-    from madakv_sglang.serving import CPU_ENV, Server, free_port
+    from madakv_sglang.server_process import CPU_ENV, Server, free_port
 
     runs = []
     stopping: threading.Thread | None = None
     try:
         for round_index, input_len, spec in measurement_order(specs, input_lens, repeats):
             name = config_name(spec, input_len, round_index if repeats > 1 else None)
-            server_args = ["--max-total-tokens", str(pool), "--decode-log-interval", "1", *extra_server_args,
-                           *spec.server_args(window)]
+            server_args = [
+                "--max-total-tokens",
+                str(pool),
+                "--decode-log-interval",
+                "1",
+                *extra_server_args,
+                *spec.server_args(window),
+            ]
             if spec.policy == "full":
                 # madakv prefills through torch_native on CPU (MADAKV_BASE_BACKEND); full runs the same kernels.
                 server_args += ["--attention-backend", "torch_native"]
@@ -400,9 +483,19 @@ def run_cpu(model: Path, specs: list[PolicySpec], input_lens: list[int], workloa
             print(f"[serving] {name}: starting the server ({' '.join(server_args)})", file=sys.stderr, flush=True)
             with open(output.with_suffix(".client.log"), "w") as client_log:
                 client = subprocess.Popen(
-                    [sys.executable, "-c", "from benchmarks.serving import run_sglang_client as r; r(wait=True)",
-                     *args], cwd=ROOT, env={**os.environ, **CPU_ENV, **OFFLINE_ENV}, stdin=subprocess.PIPE,
-                    stdout=client_log, stderr=subprocess.STDOUT, text=True)
+                    [
+                        sys.executable,
+                        "-c",
+                        "from benchmarks.serving import run_sglang_client as r; r(wait=True)",
+                        *args,
+                    ],
+                    cwd=ROOT,
+                    env={**os.environ, **CPU_ENV, **OFFLINE_ENV},
+                    stdin=subprocess.PIPE,
+                    stdout=client_log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
             try:
                 server = Server(model, server_args, log_dir / f"{name}.log", port=port)
                 try:
@@ -420,9 +513,12 @@ def run_cpu(model: Path, specs: list[PolicySpec], input_lens: list[int], workloa
                 raise RuntimeError(f"{name}: SGLang sized the pool to {stats.pool_slots} slots, not {pool}")
             check_all_served(name, result, stats, workload.num_prompts)
             runs.append(make_run(spec, input_len, result, stats, server_args, args, round_index))
-            print(f"[serving] {name}: {result.get('request_throughput', 0):.2f} req/s, "
-                  f"peak {stats.peak_running_requests} running, peak {stats.peak_kv_slots} slots",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[serving] {name}: {result.get('request_throughput', 0):.2f} req/s, "
+                f"peak {stats.peak_running_requests} running, peak {stats.peak_kv_slots} slots",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if stopping is not None:
             stopping.join()
@@ -430,8 +526,9 @@ def run_cpu(model: Path, specs: list[PolicySpec], input_lens: list[int], workloa
     return runs
 
 
-def summarize_dir(directory: Path, specs: list[PolicySpec], input_lens: list[int],
-                  num_prompts: int) -> list[dict[str, Any]]:
+def summarize_dir(
+    directory: Path, specs: list[PolicySpec], input_lens: list[int], num_prompts: int
+) -> list[dict[str, Any]]:
     """The report of a ``--print-gpu-commands`` run: ``<config>.log`` and ``<config>.jsonl`` in ``directory``,
     each configuration having sent ``num_prompts`` requests."""
     runs = []
@@ -481,10 +578,12 @@ def _load_note(runs: list[dict[str, Any]]) -> str:
 
 
 TABLE_COLUMNS = (
-    ("req/s", "request_throughput", 2), ("out tok/s", "output_throughput", 1),
+    ("req/s", "request_throughput", 2),
+    ("out tok/s", "output_throughput", 1),
     ("TTFT mean / median (ms)", ("mean_ttft_ms", "median_ttft_ms"), 0),
     ("ITL mean / median (ms)", ("mean_itl_ms", "median_itl_ms"), 1),
-    ("peak running req", "peak_running_requests", 0), ("peak KV slots", "peak_kv_slots", 0),
+    ("peak running req", "peak_running_requests", 0),
+    ("peak KV slots", "peak_kv_slots", 0),
     ("peak held KV slots", "peak_held_kv_slots", 0),
 )
 
@@ -499,11 +598,18 @@ def markdown_table(report: dict[str, Any]) -> str:
     if prompts == "image":
         prompts += f", {setting['image_count']} x {setting['image_resolution']} images"
     repeats = setting.get("repeats", 1)
-    rounds = "" if repeats == 1 else (
-        f" Medians over {repeats} rounds (odd rounds in reverse order); each ratio is taken within its round, then"
-        " its median and lowest-highest are given.")
+    rounds = (
+        ""
+        if repeats == 1
+        else (
+            f" Medians over {repeats} rounds (odd rounds in reverse order); each ratio is taken within its round, then"
+            " its median and lowest-highest are given."
+        )
+    )
     lines = [
-        "```bash", report["command"], "```",
+        "```bash",
+        report["command"],
+        "```",
         f"{setting['hardware']}; model {setting['model_name']}; pool {setting['max_total_tokens']} KV slots; "
         f"{setting['num_prompts']} prompts at once ({prompts}), {setting['output_len']} output tokens; "
         f"SGLang {setting['sglang']}. Ratios against `full`." + rounds + _load_note(report["runs"]),
@@ -533,11 +639,36 @@ def gpu_commands(specs: list[PolicySpec], model: str = GPU_MODEL, out_dir: str =
     for input_len in GPU_INPUT_LENS:
         for spec in specs:
             name = config_name(spec, input_len)
-            server = ["python", "-m", "sglang.launch_server", "--model-path", model, "--port", "30000",
-                      "--max-total-tokens", str(pool), "--decode-log-interval", "1", *spec.server_args()]
-            client = ["python", "-m", "sglang.benchmark.serving", "--backend", "sglang", "--host", "127.0.0.1",
-                      "--port", "30000", "--model", model, *workload.client_args(input_len),
-                      "--output-file", f"{out_dir}/{name}.jsonl"]
+            server = [
+                "python",
+                "-m",
+                "sglang.launch_server",
+                "--model-path",
+                model,
+                "--port",
+                "30000",
+                "--max-total-tokens",
+                str(pool),
+                "--decode-log-interval",
+                "1",
+                *spec.server_args(),
+            ]
+            client = [
+                "python",
+                "-m",
+                "sglang.benchmark.serving",
+                "--backend",
+                "sglang",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "30000",
+                "--model",
+                model,
+                *workload.client_args(input_len),
+                "--output-file",
+                f"{out_dir}/{name}.jsonl",
+            ]
             lines += [
                 f"{shlex.join(server)} > {out_dir}/{name}.log 2>&1 & SERVER=$!",
                 "until curl -sf localhost:30000/health > /dev/null; do kill -0 $SERVER || exit 1; sleep 5; done",
@@ -545,8 +676,10 @@ def gpu_commands(specs: list[PolicySpec], model: str = GPU_MODEL, out_dir: str =
                 "kill $SERVER; wait $SERVER",
             ]
     lens = " ".join(str(n) for n in GPU_INPUT_LENS)
-    lines.append(f"python -m benchmarks.serving --summarize {out_dir} --policies {' '.join(s.label for s in specs)} "
-                 f"--input-lens {lens} --out {out_dir}/serving.json")
+    lines.append(
+        f"python -m benchmarks.serving --summarize {out_dir} --policies {' '.join(s.label for s in specs)} "
+        f"--input-lens {lens} --out {out_dir}/serving.json"
+    )
     return "\n".join(lines)
 
 
@@ -573,34 +706,59 @@ def _policy_specs(texts: Sequence[str]) -> list[PolicySpec]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", nargs="+", default=["full", "madakv:0.1", "madakv:0.2", "snapkv:0.1"],
-                        help="POLICY[:BUDGET[:LAYOUT]] each (LAYOUT: shared, the default, or per-layer); must "
-                        "include full")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=["full", "madakv:0.1", "madakv:0.2", "snapkv:0.1"],
+        help="POLICY[:BUDGET[:LAYOUT]] each (LAYOUT: shared, the default, or per-layer); must include full",
+    )
     parser.add_argument("--input-lens", nargs="+", type=int, default=[64, 256], help="random text tokens a prompt")
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--num-prompts", type=int, default=None,
-                        help="requests per configuration (default 16; with --summarize, the GPU commands' 200)")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="requests per configuration (default 16; with --summarize, the GPU commands' 200)",
+    )
     parser.add_argument("--dataset-name", choices=DATASETS, default="image")
     parser.add_argument("--image-count", type=int, default=2)
     parser.add_argument("--image-resolution", default="224x224", help="HxW or 360p/720p/1080p/4k")
     parser.add_argument("--max-total-tokens", type=int, default=1500, help="KV pool slots, the same for every server")
     parser.add_argument("--kv-window", type=int, default=None, help="--kv-window of the compressing servers")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
-                        help="extra flag for every server (repeat; e.g. --server-arg=--chunked-prefill-size=512)")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint dir (default: the tiny random Qwen2-VL, written once)")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for every server (repeat; e.g. --server-arg=--chunked-prefill-size=512)",
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="checkpoint dir (default: the tiny random Qwen2-VL, written once)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     parser.add_argument("--log-dir", type=Path, default=None, help="server and client logs (default: a temp dir)")
     parser.add_argument("--client-timeout", type=float, default=1800.0)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of every configuration (odd rounds in reverse order); the table gives medians")
-    parser.add_argument("--print-gpu-commands", action="store_true",
-                        help=f"print the benchmark as shell commands for one GPU and {GPU_MODEL}, and exit")
-    parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
-                        help="report from the logs and JSON that the GPU commands wrote to DIR")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every configuration (odd rounds in reverse order); the table gives medians",
+    )
+    parser.add_argument(
+        "--print-gpu-commands",
+        action="store_true",
+        help=f"print the benchmark as shell commands for one GPU and {GPU_MODEL}, and exit",
+    )
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="report from the logs and JSON that the GPU commands wrote to DIR",
+    )
     args = parser.parse_args(argv)
-    from madakv_sglang.serving import exit_on_sigterm
+    from madakv_sglang.server_process import exit_on_sigterm
 
     exit_on_sigterm()
     specs = _policy_specs(args.policies)
@@ -615,8 +773,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     num_prompts = 16 if args.num_prompts is None else args.num_prompts
-    workload = Workload(args.dataset_name, num_prompts, args.output_len, args.image_count,
-                        args.image_resolution, args.seed)
+    workload = Workload(
+        args.dataset_name, num_prompts, args.output_len, args.image_count, args.image_resolution, args.seed
+    )
     command = "python -m benchmarks.serving " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.summarize is not None:
         workload = gpu_workload()
@@ -633,18 +792,35 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="madakv-serving-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         print(f"[serving] logs in {log_dir}", file=sys.stderr, flush=True)
-        runs = run_cpu(args.model.resolve(), specs, args.input_lens, workload, args.max_total_tokens, args.kv_window,
-                       args.server_arg, log_dir, args.client_timeout, args.repeats)
+        runs = run_cpu(
+            args.model.resolve(),
+            specs,
+            args.input_lens,
+            workload,
+            args.max_total_tokens,
+            args.kv_window,
+            args.server_arg,
+            log_dir,
+            args.client_timeout,
+            args.repeats,
+        )
         model_name, hardware = args.model.name, _hardware()
 
     import sglang
 
     report = {
         "command": command,
-        "setting": {"hardware": hardware, "model": str(args.model or args.summarize), "model_name": model_name,
-                    "max_total_tokens": args.max_total_tokens, "sglang": sglang.__version__,
-                    "kv_window": args.kv_window, "server_args": args.server_arg, "repeats": args.repeats,
-                    **asdict(workload)},
+        "setting": {
+            "hardware": hardware,
+            "model": str(args.model or args.summarize),
+            "model_name": model_name,
+            "max_total_tokens": args.max_total_tokens,
+            "sglang": sglang.__version__,
+            "kv_window": args.kv_window,
+            "server_args": args.server_arg,
+            "repeats": args.repeats,
+            **asdict(workload),
+        },
         "runs": runs,
         "summary": summarize_rounds(runs),
     }

@@ -46,25 +46,39 @@ class Question:
 # from a larger probe; the engine test checks the bare ones again). The model gets many simple facts wrong (the
 # capital of the United States, the first president, the colour of snow), so those are not here.
 QUESTIONS: tuple[Question, ...] = (
-    *(Question(f"What is the capital of {country}?", city, system)
-      for country, city in (("France", "Paris"), ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Australia", "Canberra"))
-      for system in (False, True)),
-    *(Question(f"What is the capital of {country}?", city)
-      for country, city in (("Germany", "Berlin"), ("England", "London"), ("Russia", "Moscow"), ("China", "Beijing"),
-                            ("Greece", "Athens"), ("Canada", "Ottawa"))),
+    *(
+        Question(f"What is the capital of {country}?", city, system)
+        for country, city in (("France", "Paris"), ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Australia", "Canberra"))
+        for system in (False, True)
+    ),
+    *(
+        Question(f"What is the capital of {country}?", city)
+        for country, city in (
+            ("Germany", "Berlin"),
+            ("England", "London"),
+            ("Russia", "Moscow"),
+            ("China", "Beijing"),
+            ("Greece", "Athens"),
+            ("Canada", "Ottawa"),
+        )
+    ),
     Question("What is the opposite of hot?", "cold", system=True),
     Question("What is the opposite of day?", "night", system=True),
     Question("What is the opposite of up?", "down"),
     Question("What is the opposite of big?", "small"),
     Question("Who wrote Romeo and Juliet?", "Shakespeare", system=True),
     Question("What colour is the sky on a clear day?", "blue", system=True),
-    *(Question(text, expected, system)
-      for text, expected in (("What is the chemical symbol for water?", "H2O"),
-                             ("What is the boiling point of water in Celsius?", "100"),
-                             ("What is the tallest mountain in the world?", "Everest"),
-                             ("What language is spoken in France?", "French"),
-                             ("What is the currency of Japan?", "yen"))
-      for system in (False, True)),
+    *(
+        Question(text, expected, system)
+        for text, expected in (
+            ("What is the chemical symbol for water?", "H2O"),
+            ("What is the boiling point of water in Celsius?", "100"),
+            ("What is the tallest mountain in the world?", "Everest"),
+            ("What language is spoken in France?", "French"),
+            ("What is the currency of Japan?", "yen"),
+        )
+        for system in (False, True)
+    ),
     Question("Who painted the Mona Lisa?", "Leonardo"),
     Question("What language is spoken in Spain?", "Spanish"),
 )
@@ -103,8 +117,9 @@ def messages(question: Question, paragraphs: int) -> list[dict[str, str]]:
 
 
 def prompt_ids(tokenizer: Any, question: Question, paragraphs: int) -> list[int]:
-    text = str(tokenizer.apply_chat_template(messages(question, paragraphs), add_generation_prompt=True,
-                                             tokenize=False))
+    text = str(
+        tokenizer.apply_chat_template(messages(question, paragraphs), add_generation_prompt=True, tokenize=False)
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -130,7 +145,7 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 def run(model: Path, concurrency: int, settings: Sequence[str]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from madakv_sglang.serving import Server
+    from madakv_sglang.server_process import Server
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [(q, k, prompt_ids(tokenizer, q, k)) for q in QUESTIONS for k in CONTEXTS]
@@ -145,13 +160,20 @@ def run(model: Path, concurrency: int, settings: Sequence[str]) -> dict[str, Any
                 outs = list(pool.map(lambda p, c=custom: generate(server, p[2], c), prompts))
                 print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
                 for (question, k, ids), ref, out in zip(prompts, full, outs, strict=True):
-                    rows.append({
-                        "setting": name, "question": question.text, "system": question.system,
-                        "paragraphs": k, "prompt_tokens": len(ids),
-                        "full_answer": ref["text"], "answer": out["text"],
-                        "full_correct": answered(ref["text"], question), "correct": answered(out["text"], question),
-                        "same_tokens": out["output_ids"] == ref["output_ids"],
-                    })
+                    rows.append(
+                        {
+                            "setting": name,
+                            "question": question.text,
+                            "system": question.system,
+                            "paragraphs": k,
+                            "prompt_tokens": len(ids),
+                            "full_answer": ref["text"],
+                            "answer": out["text"],
+                            "full_correct": answered(ref["text"], question),
+                            "correct": answered(out["text"], question),
+                            "same_tokens": out["output_ids"] == ref["output_ids"],
+                        }
+                    )
     return {"model": str(model), "max_new_tokens": MAX_NEW, "contexts": list(CONTEXTS), "rows": rows}
 
 
@@ -162,22 +184,29 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
     for name in names:
         for k in report["contexts"]:
             rows = [r for r in report["rows"] if r["setting"] == name and r["paragraphs"] == k]
-            out.append({
-                "setting": name, "paragraphs": k,
-                "tokens": f"{min(r['prompt_tokens'] for r in rows)}-{max(r['prompt_tokens'] for r in rows)}",
-                "full_correct": sum(r["full_correct"] for r in rows) / len(rows),
-                "correct": sum(r["correct"] for r in rows) / len(rows),
-                "same_tokens": sum(r["same_tokens"] for r in rows) / len(rows),
-            })
+            out.append(
+                {
+                    "setting": name,
+                    "paragraphs": k,
+                    "tokens": f"{min(r['prompt_tokens'] for r in rows)}-{max(r['prompt_tokens'] for r in rows)}",
+                    "full_correct": sum(r["full_correct"] for r in rows) / len(rows),
+                    "correct": sum(r["correct"] for r in rows) / len(rows),
+                    "same_tokens": sum(r["same_tokens"] for r in rows) / len(rows),
+                }
+            )
     return out
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| setting | context paragraphs | prompt tokens | full right | right | same tokens as full |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | context paragraphs | prompt tokens | full right | right | same tokens as full |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in summary(report):
-        lines.append(f"| {row['setting']} | {row['paragraphs']} | {row['tokens']} | {row['full_correct']:.2f} | "
-                     f"{row['correct']:.2f} | {row['same_tokens']:.2f} |")
+        lines.append(
+            f"| {row['setting']} | {row['paragraphs']} | {row['tokens']} | {row['full_correct']:.2f} | "
+            f"{row['correct']:.2f} | {row['same_tokens']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -187,8 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "short-prompts.json")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (SGLang batches them)")
     names = [name for name, _ in SETTINGS]
-    parser.add_argument("--settings", nargs="+", default=names, choices=names, metavar="NAME",
-                        help=f"compressing settings to compare with full (default: all of {', '.join(names)})")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=names,
+        choices=names,
+        metavar="NAME",
+        help=f"compressing settings to compare with full (default: all of {', '.join(names)})",
+    )
     parser.add_argument("--summarize", action="store_true", help="print the table of an existing --out file")
     args = parser.parse_args(argv)
     if args.summarize:

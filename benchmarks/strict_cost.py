@@ -1,5 +1,5 @@
 """What the engine tests' debugging settings cost: the same requests against two ``--kv-policy madakv`` servers
-(the demo's tiny Qwen2-VL on CPU), one plain and one with :data:`madakv_sglang.serving.STRICT_ENV` (SGLang's
+(the demo's tiny Qwen2-VL on CPU), one plain and one with :data:`madakv_sglang.server_process.STRICT_ENV` (SGLang's
 strict memory check after every batch, its KV page invariants, madakv's NaN poisoning).
 
     python -m benchmarks.strict_cost --rounds 3 --out benchmarks/results/strict_cost.json
@@ -23,11 +23,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from madakv_sglang.serving import STRICT_ENV, Server, exit_on_sigterm
+from madakv_sglang.server_process import STRICT_ENV, Server, exit_on_sigterm
 
 SERVER_ARGS = ["--kv-policy", "madakv", "--kv-budget", "0.2", "--kv-window", "8", "--max-total-tokens", "8192"]
-WORDS = ("the robot walked through the garden of the old castle and painted every flower it found there while "
-         "the children watched from the window and the sun went down behind the hills").split()
+WORDS = [
+    "the",
+    "robot",
+    "walked",
+    "through",
+    "the",
+    "garden",
+    "of",
+    "the",
+    "old",
+    "castle",
+    "and",
+    "painted",
+    "every",
+    "flower",
+    "it",
+    "found",
+    "there",
+    "while",
+    "the",
+    "children",
+    "watched",
+    "from",
+    "the",
+    "window",
+    "and",
+    "the",
+    "sun",
+    "went",
+    "down",
+    "behind",
+    "the",
+    "hills",
+]
 
 
 def requests_for(images: list[Path], count: int, max_new: int) -> list[tuple[str, dict[str, Any]]]:
@@ -38,13 +70,32 @@ def requests_for(images: list[Path], count: int, max_new: int) -> list[tuple[str
     for index in range(count):
         text = " ".join(WORDS[(index + i) % len(WORDS)] for i in range(180))
         if index % 2 == 0:
-            content = [{"type": "image_url", "image_url": {"url": data_url(images[index % len(images)])}},
-                       {"type": "text", "text": "Describe the picture. " + text[:200]}]
-            out.append(("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": content}],
-                                                 "temperature": 0, "max_tokens": max_new, "ignore_eos": True}))
+            content = [
+                {"type": "image_url", "image_url": {"url": data_url(images[index % len(images)])}},
+                {"type": "text", "text": "Describe the picture. " + text[:200]},
+            ]
+            out.append(
+                (
+                    "/v1/chat/completions",
+                    {
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": content}],
+                        "temperature": 0,
+                        "max_tokens": max_new,
+                        "ignore_eos": True,
+                    },
+                )
+            )
         else:
-            out.append(("/generate", {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new,
-                                                                        "ignore_eos": True}}))
+            out.append(
+                (
+                    "/generate",
+                    {
+                        "text": text,
+                        "sampling_params": {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True},
+                    },
+                )
+            )
     return out
 
 
@@ -69,32 +120,43 @@ def main(argv: list[str] | None = None) -> int:
     model, images = prepare(default_work_dir())
     batch = requests_for(images, args.requests, args.max_new)
     times: dict[str, list[float]] = {"plain": [], "strict": []}
-    with tempfile.TemporaryDirectory(prefix="strict_cost-") as logs:
-        with Server(model, SERVER_ARGS, Path(logs) / "plain.log", strict=False) as plain, \
-                Server(model, SERVER_ARGS, Path(logs) / "strict.log", strict=True) as strict:
-            servers = {"plain": plain, "strict": strict}
-            for server in servers.values():
-                timed_pass(server, batch[:2])  # warm-up: first-call costs are not what is measured
-            for _ in range(args.rounds):
-                for name, server in servers.items():
-                    times[name].append(round(timed_pass(server, batch), 3))
+    with (
+        tempfile.TemporaryDirectory(prefix="strict_cost-") as logs,
+        Server(model, SERVER_ARGS, Path(logs) / "plain.log", strict=False) as plain,
+        Server(model, SERVER_ARGS, Path(logs) / "strict.log", strict=True) as strict,
+    ):
+        servers = {"plain": plain, "strict": strict}
+        for server in servers.values():
+            timed_pass(server, batch[:2])  # warm-up: first-call costs are not what is measured
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                times[name].append(round(timed_pass(server, batch), 3))
     medians = {name: statistics.median(values) for name, values in times.items()}
     fastest = {name: min(values) for name, values in times.items()}
-    per_round = [round(s / p, 2) for s, p in zip(times["strict"], times["plain"])]
+    per_round = [round(s / p, 2) for s, p in zip(times["strict"], times["plain"], strict=True)]
     result = {
-        "strict_env": STRICT_ENV, "server_args": SERVER_ARGS, "requests_per_pass": args.requests,
-        "max_new_tokens": args.max_new, "seconds_per_pass": times, "median_seconds": medians,
-        "fastest_seconds": fastest, "ratio_per_round": per_round, "ratio_median": statistics.median(per_round),
-        "ratio_fastest": round(fastest["strict"] / fastest["plain"], 2), "load_average": os.getloadavg(),
+        "strict_env": STRICT_ENV,
+        "server_args": SERVER_ARGS,
+        "requests_per_pass": args.requests,
+        "max_new_tokens": args.max_new,
+        "seconds_per_pass": times,
+        "median_seconds": medians,
+        "fastest_seconds": fastest,
+        "ratio_per_round": per_round,
+        "ratio_median": statistics.median(per_round),
+        "ratio_fastest": round(fastest["strict"] / fastest["plain"], 2),
+        "load_average": os.getloadavg(),
     }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    print(f"strict / plain: {result['ratio_median']}x (median of {args.rounds} rounds), {result['ratio_fastest']}x "
-          f"fastest passes ({fastest['strict']:.1f} s vs {fastest['plain']:.1f} s for {args.requests} requests)",
-          file=sys.stderr)
+    print(
+        f"strict / plain: {result['ratio_median']}x (median of {args.rounds} rounds), {result['ratio_fastest']}x "
+        f"fastest passes ({fastest['strict']:.1f} s vs {fastest['plain']:.1f} s for {args.requests} requests)",
+        file=sys.stderr,
+    )
     return 0
 
 

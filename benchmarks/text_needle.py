@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks.accuracy import DEFAULT_SINK, POLICIES, Run, ask_engine, markdown_table, plot, summarize
 from benchmarks.needles import NeedleConfig, make_sample
-from madakv_sglang.serving import exit_on_sigterm
+from madakv_sglang.server_process import exit_on_sigterm
 
 MODEL = Path(".models/smollm2-135m-instruct")
 INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
@@ -38,8 +38,9 @@ def passkey_prompt(tokenizer: Any, sentences: int, depth: float, seed: int) -> t
     """(prompt text ending in the primed answer, the pass key)."""
     sample = make_sample(NeedleConfig("text", sentences=sentences, images=0, depth=depth), seed)
     key = str(random.Random(f"passkey|{seed}").randint(10_000, 99_999))
-    haystack = sample.text().replace(f"The key is {sample.answer}.",
-                                     f"The pass key is {key}. Remember it. {key} is the pass key.")
+    haystack = sample.text().replace(
+        f"The key is {sample.answer}.", f"The pass key is {key}. Remember it. {key} is the pass key."
+    )
     messages = [{"role": "user", "content": INTRO + haystack + QUESTION}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + PRIME, key
 
@@ -55,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help="attention sinks of every scoring policy")
     parser.add_argument("--layout", choices=["shared", "per-layer"], default="shared", help="the server's --kv-layout")
-    parser.add_argument("--concurrency", type=int, default=8,
-                        help="requests in flight; SGLang batches them (each request's eviction is its own)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="requests in flight; SGLang batches them (each request's eviction is its own)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text_needle"))
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -66,29 +71,64 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from madakv_sglang.serving import Server
+    from madakv_sglang.server_process import Server
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = [(sentences, i, *passkey_prompt(tokenizer, sentences, (i + 0.5) / args.samples, i))
-               for sentences in args.sentences for i in range(args.samples)]
+    prompts = [
+        (sentences, i, *passkey_prompt(tokenizer, sentences, (i + 0.5) / args.samples, i))
+        for sentences in args.sentences
+        for i in range(args.samples)
+    ]
     grid = [(name, budget) for name in args.policies for budget in ([1.0] if name == "full" else args.budgets)]
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     started = time.perf_counter()
-    server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window),
-                   "--kv-layout", args.layout]
-    with Server(args.model, server_args, args.out / "server.log") as server:
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
-                replies = pool.map(lambda p: ask_engine(server, {"text": p[2]}, name, budget, args.window,
-                                                         MAX_NEW_TOKENS, args.sink), prompts)
-                for (sentences, seed, _, key), (prediction, prompt_len, kept) in zip(prompts, replies, strict=True):
-                    runs.append(Run("engine", name, budget, f"passkey-{sentences}", seed, key, prediction,
-                                    key in prediction, prompt_len, kept, args.layout))
+    server_args = [
+        "--max-total-tokens",
+        "16384",
+        "--kv-policy",
+        "madakv",
+        "--kv-window",
+        str(args.window),
+        "--kv-layout",
+        args.layout,
+    ]
+    with (
+        Server(args.model, server_args, args.out / "server.log") as server,
+        ThreadPoolExecutor(args.concurrency) as pool,
+    ):
+        for name, budget in tqdm(grid, desc="policies x budgets", file=sys.stderr):
+            replies = pool.map(
+                lambda p, name=name, budget=budget: ask_engine(
+                    server, {"text": p[2]}, name, budget, args.window, MAX_NEW_TOKENS, args.sink
+                ),
+                prompts,
+            )
+            for (sentences, seed, _, key), (prediction, prompt_len, kept) in zip(prompts, replies, strict=True):
+                runs.append(
+                    Run(
+                        "engine",
+                        name,
+                        budget,
+                        f"passkey-{sentences}",
+                        seed,
+                        key,
+                        prediction,
+                        key in prediction,
+                        prompt_len,
+                        kept,
+                        args.layout,
+                    )
+                )
     summary = summarize(runs)
     command = "python -m benchmarks.text_needle " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "seconds": time.perf_counter() - started, "model": str(args.model),
-              "summary": summary, "runs": [asdict(r) for r in runs]}
+    record = {
+        "command": command,
+        "seconds": time.perf_counter() - started,
+        "model": str(args.model),
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+    }
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown_table(summary, "engine", tasks=[f"passkey-{s}" for s in args.sentences])
     (args.out / "table.md").write_text(f"`{command}`\n\n{table}\n")

@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample, prompt_inputs, prompt_text
-from madakv_sglang import checkpoints
+from madakv_sglang import checkpoints, tiny_models
 from madakv_sglang.checkpoints import ENDOFTEXT, IM_END
-from madakv_sglang import tiny_models
 from madakv_sglang.tiny_models import IMAGE_TOKEN, VOCAB
 
 if TYPE_CHECKING:
@@ -153,9 +153,12 @@ EVAL_IMAGES = (2, 4, 6)
 EVAL_PER_CELL = 4  # 3 x 3 cells x 4 = 36 prompts per task, 144 in all
 
 
-def eval_samples(per_cell: int = EVAL_PER_CELL, tasks: tuple[str, ...] = TASKS,
-                 sentences: tuple[int, ...] = EVAL_SENTENCES, images: tuple[int, ...] = EVAL_IMAGES
-                 ) -> list[NeedleSample]:
+def eval_samples(
+    per_cell: int = EVAL_PER_CELL,
+    tasks: tuple[str, ...] = TASKS,
+    sentences: tuple[int, ...] = EVAL_SENTENCES,
+    images: tuple[int, ...] = EVAL_IMAGES,
+) -> list[NeedleSample]:
     """The held-out prompts: every task x sentences x images cell, seeds ``0 .. per_cell - 1`` (never trained on,
     training seeds start at :data:`TRAIN_SEED_BASE`), each at its own depth drawn uniformly in [0, 1]."""
     if per_cell > TRAIN_SEED_BASE:
@@ -196,8 +199,9 @@ def answer_ids(processor: Qwen2VLProcessor, answer: str) -> list[int]:
     return [*processor.tokenizer.encode(answer, add_special_tokens=False), IM_END]
 
 
-def training_batch(processor: Qwen2VLProcessor, samples: list[NeedleSample]
-                   ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+def training_batch(
+    processor: Qwen2VLProcessor, samples: list[NeedleSample]
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
     """Prompts plus answers, right-padded (a real token never sees a pad: positions match the unpadded prompt).
 
     Returns the model inputs and, per row, the ``(start, end)`` token span of its answer (``<|im_end|>`` included).
@@ -234,8 +238,9 @@ def stage_batch(stage: Stage, stage_index: int, step: int, seed: int) -> list[Ne
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, cfg: TrainConfig,
-          log_every: int = 25) -> dict[str, Any]:
+def train(
+    model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, cfg: TrainConfig, log_every: int = 25
+) -> dict[str, Any]:
     """Run every stage; returns the wall time and, per stage, the last log window's loss and accuracy per task.
 
     The accuracy logged is teacher-forced on the training batch (every answer token is the argmax), which equals
@@ -255,7 +260,7 @@ def train(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, c
             losses = []
             for row, ((start, end), sample) in enumerate(zip(spans, samples, strict=True)):
                 target = inputs["input_ids"][row, start:end]
-                predicted = logits[row, start - 1:end - 1].float()  # position t predicts token t + 1
+                predicted = logits[row, start - 1 : end - 1].float()  # position t predicts token t + 1
                 loss = torch.nn.functional.cross_entropy(predicted, target)
                 losses.append(loss)
                 window[sample.config.task].append((float(loss.detach()), bool((predicted.argmax(-1) == target).all())))
@@ -268,19 +273,31 @@ def train(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, c
             optimizer.step()
             step += 1
             if step % log_every == 0 or step == cfg.total_steps:
-                summary = {task: (sum(l for l, _ in v) / len(v), sum(a for _, a in v) / len(v))
-                           for task, v in sorted(window.items())}
-                print(f"step {step}/{cfg.total_steps} stage {stage_index} S{len(inputs['input_ids'][0])} "
-                      f"lr {cfg.lr_at(step - 1):.2e} {time.monotonic() - started:.0f}s  "
-                      + "  ".join(f"{t} {l:.3f}/{a:.2f}" for t, (l, a) in summary.items()), flush=True)
-                record = {"step": step, "stage": stage_index, "elapsed_s": round(time.monotonic() - started, 1),
-                          **{t: {"loss": round(l, 4), "teacher_forced_acc": round(a, 3)}
-                             for t, (l, a) in summary.items()}}
+                summary = {
+                    task: (sum(l for l, _ in v) / len(v), sum(a for _, a in v) / len(v))
+                    for task, v in sorted(window.items())
+                }
+                print(
+                    f"step {step}/{cfg.total_steps} stage {stage_index} S{len(inputs['input_ids'][0])} "
+                    f"lr {cfg.lr_at(step - 1):.2e} {time.monotonic() - started:.0f}s  "
+                    + "  ".join(f"{t} {l:.3f}/{a:.2f}" for t, (l, a) in summary.items()),
+                    flush=True,
+                )
+                record = {
+                    "step": step,
+                    "stage": stage_index,
+                    "elapsed_s": round(time.monotonic() - started, 1),
+                    **{t: {"loss": round(l, 4), "teacher_forced_acc": round(a, 3)} for t, (l, a) in summary.items()},
+                }
                 history.append(record)
                 window.clear()
     model.eval()
-    return {"train_s": round(time.monotonic() - started, 1), "steps": step, "history": history,
-            "samples": sum(s.steps * s.batch for s in cfg.stages)}
+    return {
+        "train_s": round(time.monotonic() - started, 1),
+        "steps": step,
+        "history": history,
+        "samples": sum(s.steps * s.batch for s in cfg.stages),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,19 +305,22 @@ def train(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, c
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def answer(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, sample: NeedleSample,
-           max_new_tokens: int = 8) -> str:
+def answer(
+    model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, sample: NeedleSample, max_new_tokens: int = 8
+) -> str:
     """Greedy reply through ``madakv_sglang.hf.generate`` with policy ``full`` (nothing evicted)."""
     from madakv_sglang import hf
     from madakv_sglang.config import PolicyConfig
 
-    result = hf.generate(model, prompt_inputs(processor, sample), PolicyConfig(policy="full"), max_new_tokens,
-                         eos_token_id=IM_END)
+    result = hf.generate(
+        model, prompt_inputs(processor, sample), PolicyConfig(policy="full"), max_new_tokens, eos_token_id=IM_END
+    )
     return str(processor.tokenizer.decode(result.tokens, skip_special_tokens=True))
 
 
-def evaluate(model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, samples: list[NeedleSample]
-             ) -> dict[str, Any]:
+def evaluate(
+    model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, samples: list[NeedleSample]
+) -> dict[str, Any]:
     """Accuracy per task (the suite's ``is_correct``) and per (task, sentences, images) cell."""
     hits: dict[str, list[bool]] = defaultdict(list)
     cells: dict[str, list[bool]] = defaultdict(list)
@@ -340,7 +360,9 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
     weights_mb = (out_dir / "model.safetensors").stat().st_size / 1e6
     stages = "\n".join(
         f"| {i} | {s['steps']} | {' / '.join(map(str, s['mix']))} | {s['sentences'][0]}-{s['sentences'][1]} | "
-        f"{s['images'][0]}-{s['images'][1]} |" for i, s in enumerate(train_cfg["stages"]))
+        f"{s['images'][0]}-{s['images'][1]} |"
+        for i, s in enumerate(train_cfg["stages"])
+    )
     accuracy = "\n".join(f"| {task} | {ev['accuracy'][task]:.3f} | {ev['count'][task]} |" for task in TASKS)
     cell_rows = []
     for n_sentences in metrics["eval_grid"]["sentences"]:
@@ -352,7 +374,7 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
 
 A `Qwen2VLForConditionalGeneration` trained from scratch, on CPU, by
 
-    python -m benchmarks.train_needle_vlm --out benchmarks/models/needle-vl --seed {train_cfg['seed']}
+    python -m benchmarks.train_needle_vlm --out benchmarks/models/needle-vl --seed {train_cfg["seed"]}
 
 so that accuracy-vs-KV-budget runs of MadaKV and the baselines measure retrieval that really happens. It is
 **tiny and synthetic, not a real VLM**: it knows the four tasks of `benchmarks/needles` and nothing else.
@@ -361,7 +383,7 @@ so that accuracy-vs-KV-budget runs of MadaKV and the baselines measure retrieval
 
 - Text decoder: vocab 512, hidden 128, 4 layers, 4 query / 2 KV heads of 32 dims (GQA, G = 2), MLP 512,
   M-RoPE sections [4, 6, 6]. Vision tower: 14-px patches, embed 64, 2 blocks of 2 heads, 2x2 merge into 128.
-- {metrics['parameters']:,} parameters, fp32, `model.safetensors` {weights_mb:.1f} MB.
+- {metrics["parameters"]:,} parameters, fp32, `model.safetensors` {weights_mb:.1f} MB.
 - Tokenizer, processor and chat template: those of `madakv_sglang.checkpoints` (byte-level BPE with Qwen's special
   tokens; a 224x224 image is 64 tokens; Qwen2-VL's chat template with its default system prompt).
 
@@ -369,29 +391,30 @@ so that accuracy-vs-KV-budget runs of MadaKV and the baselines measure retrieval
 
 - Data: prompts of `benchmarks/needles` (`make_sample(NeedleConfig(task, sentences, images, depth), seed)`),
   drawn fresh every step from seeds >= {TRAIN_SEED_BASE:,}; each batch has one haystack size and the stage's mix of
-  the tasks (table below), at depths uniform in [0, 1]. {run['samples']:,} prompts in all.
+  the tasks (table below), at depths uniform in [0, 1]. {run["samples"]:,} prompts in all.
 - Rendering: exactly as served: the chat template over one user message (text and images interleaved, then
   `"\\n" + question`, as `NeedleSample.openai_content()` sends it), the processor's image tokens, then the
-  assistant's answer (one word, two for mixed) and `<|im_end|>`. Loss: cross-entropy on the answer tokens only (`<|im_end|>`
-  included), mean per prompt, mean over the batch.
+  assistant's answer (one word, two for mixed) and `<|im_end|>`. Loss: cross-entropy on the answer tokens only
+  (`<|im_end|>` included), mean per prompt, mean over the batch.
 - Curriculum (haystack sizes drawn uniformly per batch):
 
 | stage | steps | prompts per batch (text / image / mixed / absent) | sentences | images |
 |---|---|---|---|---|
 {stages}
 
-- AdamW (betas 0.9 / 0.98, weight decay {train_cfg['weight_decay']}), peak lr {train_cfg['lr']}, {train_cfg['warmup']}
-  warm-up steps, cosine to {train_cfg['final_lr_ratio']} x peak; gradient clip {train_cfg['clip']}; seed
-  {train_cfg['seed']}; torch threads: {train_cfg['threads']}.
-- Wall time: {run['train_s'] / 60:.1f} min of training ({run['total_s'] / 60:.1f} min with evaluation and saving) on
-  {metrics['machine']}, shared with other jobs (so times vary from run to run).
+- AdamW (betas 0.9 / 0.98, weight decay {train_cfg["weight_decay"]}), peak lr {train_cfg["lr"]}, {train_cfg["warmup"]}
+  warm-up steps, cosine to {train_cfg["final_lr_ratio"]} x peak; gradient clip {train_cfg["clip"]}; seed
+  {train_cfg["seed"]}; torch threads: {train_cfg["threads"]}.
+- Wall time: {run["train_s"] / 60:.1f} min of training ({run["total_s"] / 60:.1f} min with evaluation and saving) on
+  {metrics["machine"]}, shared with other jobs (so times vary from run to run).
 
 ## Held-out accuracy, full cache
 
-{ev_count_sentence(ev)} prompts per task: sentences {metrics['eval_grid']['sentences']} x images
-{metrics['eval_grid']['images']}, {metrics['eval_grid']['per_cell']} seeds per cell (seeds 0..{metrics['eval_grid']['per_cell'] - 1},
-disjoint from training), depth uniform in [0, 1] (`benchmarks.train_needle_vlm.eval_samples()`); prompts are
-{lengths['min']}-{lengths['max']} tokens (mean {lengths['mean']:.0f}), {lengths['visual_share']:.0%} of them image
+{ev_count_sentence(ev)} prompts per task: sentences {metrics["eval_grid"]["sentences"]} x images
+{metrics["eval_grid"]["images"]}, {metrics["eval_grid"]["per_cell"]} seeds per cell
+(seeds 0..{metrics["eval_grid"]["per_cell"] - 1}, disjoint from training), depth uniform in [0, 1]
+(`benchmarks.train_needle_vlm.eval_samples()`); prompts are
+{lengths["min"]}-{lengths["max"]} tokens (mean {lengths["mean"]:.0f}), {lengths["visual_share"]:.0%} of them image
 tokens on average. Greedy replies from `madakv_sglang.hf.generate` with policy `full`, scored by the suite's
 `is_correct`.
 
@@ -399,10 +422,10 @@ tokens on average. Greedy replies from `madakv_sglang.hf.generate` with policy `
 |---|---|---|
 {accuracy}
 
-Per cell (accuracy, tasks in the order {' / '.join(TASKS)}):
+Per cell (accuracy, tasks in the order {" / ".join(TASKS)}):
 
-| sentences | images | {' | '.join(TASKS)} |
-|---|---|{'---|' * len(TASKS)}
+| sentences | images | {" | ".join(TASKS)} |
+|---|---|{"---|" * len(TASKS)}
 {chr(10).join(cell_rows)}
 
 `tests/test_needle_vlm.py` checks these weights against this table (a small subset of the same prompts) and that
@@ -445,8 +468,12 @@ def prompt_stats(processor: Qwen2VLProcessor, samples: list[NeedleSample]) -> di
         ids = prompt_inputs(processor, sample)["input_ids"][0]
         lengths.append(len(ids))
         visual.append(float((ids == IMAGE_TOKEN).float().mean()))
-    return {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths),
-            "visual_share": sum(visual) / len(visual)}
+    return {
+        "min": min(lengths),
+        "max": max(lengths),
+        "mean": sum(lengths) / len(lengths),
+        "visual_share": sum(visual) / len(visual),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,11 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint dir (created if missing)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
-    parser.add_argument("--steps-scale", type=float, default=1.0,
-                        help="multiply every stage's steps (e.g. 0.1 for a smoke run; the card records it)")
+    parser.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply every stage's steps (e.g. 0.1 for a smoke run; the card records it)",
+    )
     parser.add_argument("--eval-per-cell", type=int, default=EVAL_PER_CELL)
-    parser.add_argument("--eval-only", action="store_true",
-                        help="evaluate the checkpoint in --out and rewrite its card from training.json")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the checkpoint in --out and rewrite its card from training.json",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.monotonic()
@@ -468,13 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads((args.out / METRICS_FILE).read_text())
         model, processor = load(args.out)
     else:
-        stages = tuple(Stage(max(1, round(s.steps * args.steps_scale)), s.sentences, s.images, s.mix)
-                       for s in STAGES)
+        stages = tuple(Stage(max(1, round(s.steps * args.steps_scale)), s.sentences, s.images, s.mix) for s in STAGES)
         cfg = TrainConfig(seed=args.seed, threads=args.threads, stages=stages)
         processor = build_processor()
         model = build_model(cfg.seed)
-        metrics = {"train_config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
-                   "machine": f"{platform.machine()} CPU, {args.threads} torch threads, torch {torch.__version__}"}
+        metrics = {
+            "train_config": asdict(cfg),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "machine": f"{platform.machine()} CPU, {args.threads} torch threads, torch {torch.__version__}",
+        }
         metrics["run"] = train(model, processor, cfg)
         save(model, args.out)
         model, processor = load(args.out)  # evaluate what was written, as a user will load it

@@ -1,7 +1,7 @@
 """Decode-path kernels (installed as ``madakv_sglang.kernels``).
 
 ``headwise_decode`` is the entry point the attention backend calls. On CPU it is the torch reference
-(``madakv_sglang.reference``); GPU kernels (Triton, FlashInfer virtual requests) register here and are checked
+(``torch_decode``); GPU kernels (Triton, FlashInfer virtual requests) register here and are checked
 against that reference.
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from madakv_sglang.reference import headwise_decode as torch_headwise_decode
+from .torch_decode import headwise_decode as torch_headwise_decode
 
 DecodeFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, float], tuple[Tensor, Tensor]]
 
@@ -67,8 +67,9 @@ def decode_kernel_for(device: str | torch.device, environ: Mapping[str, str] | N
 
 def available_backends() -> tuple[str, ...]:
     """The backends that can run here: "torch" always, then every lazy one whose probe passes."""
-    return tuple(_BACKENDS) + tuple(name for name, (runnable, _) in _LAZY.items()
-                                    if name not in _BACKENDS and runnable())
+    return tuple(_BACKENDS) + tuple(
+        name for name, (runnable, _) in _LAZY.items() if name not in _BACKENDS and runnable()
+    )
 
 
 def _resolve(backend: str) -> DecodeFn:
@@ -93,5 +94,5 @@ def headwise_decode(
     scale: float,
     backend: str = "torch",
 ) -> tuple[Tensor, Tensor]:
-    """Head-wise decode over flat cells (see ``madakv_sglang.reference.headwise_decode`` for shapes)."""
+    """Head-wise decode over flat cells (see ``torch_decode.headwise_decode`` for shapes)."""
     return _resolve(backend)(q, k_cells, v_cells, indptr, indices, num_kv_heads, scale)

@@ -47,22 +47,48 @@ class FlashInferHeadwiseDecoder:
         self._planned: tuple[int, int, int, torch.dtype, torch.dtype, float] | None = None
         self._ones = torch.ones(0, dtype=torch.int32, device=self.device)
 
-    def _plan(self, virtual: int, group: int, dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype,
-              scale: float, indptr: Tensor, indices: Tensor) -> None:
+    def _plan(
+        self,
+        virtual: int,
+        group: int,
+        dim: int,
+        q_dtype: torch.dtype,
+        kv_dtype: torch.dtype,
+        scale: float,
+        indptr: Tensor,
+        indices: Tensor,
+    ) -> None:
         shape = (virtual, group, dim, q_dtype, kv_dtype, scale)
         if self._planned == shape:
             return
         if self._ones.numel() < virtual:
             self._ones = torch.ones(max(virtual, 2 * self._ones.numel()), dtype=torch.int32, device=self.device)
         self._wrapper.plan(
-            indptr, indices, self._ones[:virtual], group, 1, dim, 1,
-            q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scale, disable_split_kv=True,
+            indptr,
+            indices,
+            self._ones[:virtual],
+            group,
+            1,
+            dim,
+            1,
+            q_data_type=q_dtype,
+            kv_data_type=kv_dtype,
+            sm_scale=scale,
+            disable_split_kv=True,
         )
         self._planned = shape
 
-    def __call__(self, q: Tensor, k_cells: Tensor, v_cells: Tensor, indptr: Tensor, indices: Tensor,
-                 num_kv_heads: int, scale: float) -> tuple[Tensor, Tensor]:
-        """Same contract as :func:`madakv_sglang.reference.headwise_decode` (lse in natural log)."""
+    def __call__(
+        self,
+        q: Tensor,
+        k_cells: Tensor,
+        v_cells: Tensor,
+        indptr: Tensor,
+        indices: Tensor,
+        num_kv_heads: int,
+        scale: float,
+    ) -> tuple[Tensor, Tensor]:
+        """Same contract as :func:`madakv_sglang.kernels.torch_decode.headwise_decode` (lse in natural log)."""
         batch, hq, dim = q.shape
         group, virtual = hq // num_kv_heads, batch * num_kv_heads
         indptr32, indices32 = indptr.to(torch.int32), indices.to(torch.int32)

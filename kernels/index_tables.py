@@ -1,4 +1,4 @@
-"""Per-step decode index tables for head-wise attention (DESIGN §3), built on the device from per-batch inputs.
+"""Per-step decode index tables for head-wise attention (docs/design.md §4), built on the device from per-batch inputs.
 
 Decode attends per virtual request v = b * H + h (request b, KV head h of this rank) over a list of flat cells:
 the request's packed prompt cells of that head and layer, then its dense tail, the cells of
@@ -24,7 +24,7 @@ from torch import Tensor
 
 
 class PackedLike(Protocol):
-    """What the builder reads of a compressed request (``madakv_sglang.sglang.ledger.PackedRow``): kept as a
+    """What the builder reads of a compressed request (``madakv_sglang.engine.state.PackedRow``): kept as a
     protocol so the kernels never import the engine glue."""
 
     prompt_len: int
@@ -96,7 +96,9 @@ def build_index_inputs(
     if compressed:
         indptr = torch.stack([p.indptr.long().to(device) for _, p in compressed])  # [Bc, L, H + 1]
         if indptr.shape[1:] != (num_layers, num_heads + 1):
-            raise ValueError(f"packed indptr has shape {tuple(indptr.shape[1:])}, expected {(num_layers, num_heads + 1)}")
+            raise ValueError(
+                f"packed indptr has shape {tuple(indptr.shape[1:])}, expected {(num_layers, num_heads + 1)}"
+            )
         # Cells are concatenated request-major, then layer: the base of (request, layer) is the exclusive
         # cumulative count in that order.
         counts = indptr[:, :, -1].reshape(-1)
@@ -107,8 +109,9 @@ def build_index_inputs(
     # One dummy entry when nothing is packed, so every kernel gets a valid pointer.
     cells = torch.cat(pieces) if pieces else torch.zeros(1, dtype=torch.int32)
     cells = cells.to(device=device, dtype=torch.int32)
-    return IndexInputs(rows=rows_t, tail_start=tail_start, seg_start=seg_start, seg_len=seg_len, cells=cells,
-                       layer_cells=layer_cells)
+    return IndexInputs(
+        rows=rows_t, tail_start=tail_start, seg_start=seg_start, seg_len=seg_len, cells=cells, layer_cells=layer_cells
+    )
 
 
 def decode_index_tables(

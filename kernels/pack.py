@@ -1,11 +1,11 @@
-"""Packing the kept K/V cells of every layer at once (DESIGN §3): torch version.
+"""Packing the kept K/V cells of every layer at once (docs/design.md §4): torch version.
 
 ``layout.pack_plan`` says which cells move where. Sources and destinations overlap (the targets are the
 request's first prompt slots), so every move reads from a temporary gathered before any write.
 
 - ``per-layer`` layout: cell = slot * H + column of the layer's ``[slots, H, D]`` buffer; layers never share
   cells, which is what makes one gather and one scatter over all layers (:func:`pack_cells`) equal to
-  ``layout.apply_pack`` applied layer by layer. The Triton version (``triton_pack``) does the same with one
+  one gather-then-scatter per layer (the tests' oracle). The Triton version (``triton_pack``) does the same with one
   launch each over all layers and K and V.
 - ``shared`` layout: cell ids address the all-layer allocation directly (:func:`pack_shared_cells`).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ class PackMoves:
 def pack_moves(src: Sequence[Tensor], dst: Sequence[Tensor]) -> PackMoves:
     """Flatten per-layer ``pack_plan`` moves (``src[l]``, ``dst[l]`` of equal length). To pack several requests
     in one go, concatenate their moves per layer first (their cells never overlap)."""
-    if len(src) != len(dst) or any(s.numel() != d.numel() for s, d in zip(src, dst)):
+    if len(src) != len(dst) or any(s.numel() != d.numel() for s, d in zip(src, dst, strict=True)):
         raise ValueError("src and dst must hold the same number of cells in every layer")
     sizes = [int(s.numel()) for s in src]
     bounds = [0]
@@ -98,7 +99,7 @@ def layer_stack_view(buffers: Sequence[Tensor]) -> Tensor | None:
         return None
     offsets = [b.storage_offset() for b in buffers]
     step = offsets[1] - offsets[0] if len(buffers) > 1 else first.numel()
-    if step < first.numel() or any(b - a != step for a, b in zip(offsets, offsets[1:])):
+    if step < first.numel() or any(b - a != step for a, b in pairwise(offsets)):
         return None
     dim = first.shape[-1]
     return first.as_strided((len(buffers), first.numel() // dim, dim), (step, dim, 1), offsets[0])

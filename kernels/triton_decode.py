@@ -1,5 +1,5 @@
 """Head-wise sparse decode in Triton: split-KV ("flash-decoding") attention of one query token per request over
-per-(request, KV head) lists of flat cells, the semantics of ``madakv_sglang.reference.headwise_decode``.
+per-(request, KV head) lists of flat cells, the semantics of ``torch_decode.headwise_decode``.
 
 Virtual request ``v = b * H + h`` attends with its G query heads ``h * G .. h * G + G - 1`` over the cells
 ``indices[indptr[v]:indptr[v + 1]]`` of ``k_cells`` / ``v_cells`` ``[cells, D]`` (cell = slot * H + column).
@@ -43,10 +43,24 @@ _LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Indptr, Indices, PartOut, PartLse,
-    qk_scale, stride_qb, stride_qh, stride_k, stride_v, num_kv_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KEYS: tl.constexpr,
+    Q,
+    K,
+    V,
+    Indptr,
+    Indices,
+    PartOut,
+    PartLse,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_k,
+    stride_v,
+    num_kv_heads,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_KEYS: tl.constexpr,
 ):
     """Partial attention of virtual request program_id(0) over split program_id(1) of its cell list.
 
@@ -94,16 +108,29 @@ def _split_kernel(
     # An empty slice (row_max = -inf, row_sum = 0) stores output 0 and lse -inf.
     sum_safe = tl.where(row_sum > 0, row_sum, 1.0)
     part = (virtual.to(tl.int64) * num_splits + split) * GROUP + rows
-    tl.store(PartOut + part[:, None] * HEAD_DIM + cols[None, :], acc / sum_safe[:, None],
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        PartOut + part[:, None] * HEAD_DIM + cols[None, :],
+        acc / sum_safe[:, None],
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
     tl.store(PartLse + part, row_max + tl.log2(sum_safe), mask=row_ok)
 
 
 @triton.jit
 def _merge_kernel(
-    PartOut, PartLse, Out, Lse,
-    num_splits, stride_ob, stride_oh, stride_lb, num_kv_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartOut,
+    PartLse,
+    Out,
+    Lse,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_lb,
+    num_kv_heads,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge the splits of query head program_id(1) of virtual request program_id(0) into ``Out`` / ``Lse``."""
     virtual = tl.program_id(0)
@@ -121,8 +148,9 @@ def _merge_kernel(
     top = tl.where(top == float("-inf"), 0.0, top)  # all splits empty: every weight below is exp2(-inf) = 0
     weight = tl.exp2(lse2 - top)
     total = tl.sum(weight, 0)
-    partial = tl.load(PartOut + part[:, None] * HEAD_DIM + cols[None, :], mask=split_ok[:, None] & col_ok[None, :],
-                      other=0.0)
+    partial = tl.load(
+        PartOut + part[:, None] * HEAD_DIM + cols[None, :], mask=split_ok[:, None] & col_ok[None, :], other=0.0
+    )
     nonempty = total > 0
     total_safe = tl.where(nonempty, total, 1.0)
     merged = tl.sum(weight[:, None] * partial, 0) / total_safe
@@ -130,7 +158,7 @@ def _merge_kernel(
     tl.store(Lse + batch * stride_lb + q_head, tl.where(nonempty, (top + tl.log2(total_safe)) * _LN2, float("-inf")))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return OFF_GPU_SMS
@@ -176,15 +204,23 @@ class DecodeBuffers:
 
     @classmethod
     def allocate(
-        cls, max_batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-        device: torch.device | str, num_splits: int | None = None,
+        cls,
+        max_batch: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        num_splits: int | None = None,
     ) -> DecodeBuffers:
         """Buffers for every batch up to ``max_batch``, with ``num_splits`` splits or, when None, the default
         rule's count for each batch size (the workspace is sized for the largest product batch * splits)."""
         device = torch.device(device)
         numel = max(
             workspace_numel(
-                batch, num_q_heads, head_dim,
+                batch,
+                num_q_heads,
+                head_dim,
                 num_splits if num_splits is not None else default_num_splits(batch * num_kv_heads, device),
             )
             for batch in range(1, max_batch + 1)
@@ -198,8 +234,10 @@ class DecodeBuffers:
 
 def _check_buffer(buffer: Tensor, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> Tensor:
     if tuple(buffer.shape) != shape or buffer.dtype != dtype or buffer.stride(-1) != 1:
-        raise ValueError(f"{name} must be {dtype} of shape {shape} with unit last stride; got {buffer.dtype} "
-                         f"{tuple(buffer.shape)} strides {buffer.stride()}")
+        raise ValueError(
+            f"{name} must be {dtype} of shape {shape} with unit last stride; got {buffer.dtype} "
+            f"{tuple(buffer.shape)} strides {buffer.stride()}"
+        )
     return buffer
 
 
@@ -217,7 +255,7 @@ def triton_headwise_decode(
     lse: Tensor | None = None,
     workspace: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Head-wise decode over flat cells; same contract as ``madakv_sglang.reference.headwise_decode``.
+    """Head-wise decode over flat cells; same contract as ``torch_decode.headwise_decode``.
 
     Args:
         q: ``[B, Hq, D]`` float32 / float16 / bfloat16; k_cells / v_cells: ``[cells, D]`` in q's dtype
@@ -240,8 +278,10 @@ def triton_headwise_decode(
         raise ValueError(f"indptr must have B * H + 1 = {virtual + 1} entries, got {tuple(indptr.shape)}")
     for name, cells in (("k_cells", k_cells), ("v_cells", v_cells)):
         if cells.dim() != 2 or cells.shape[1] != head_dim or cells.dtype != q.dtype or cells.stride(1) != 1:
-            raise ValueError(f"{name} must be [cells, {head_dim}] {q.dtype} with unit last stride; got "
-                             f"{cells.dtype} {tuple(cells.shape)}")
+            raise ValueError(
+                f"{name} must be [cells, {head_dim}] {q.dtype} with unit last stride; got "
+                f"{cells.dtype} {tuple(cells.shape)}"
+            )
     if q.stride(-1) != 1:
         raise ValueError("q must have unit last stride")
     splits = num_splits if num_splits is not None else default_num_splits(virtual, q.device)
@@ -257,10 +297,16 @@ def triton_headwise_decode(
     needed = workspace_numel(batch, num_q_heads, head_dim, splits)
     if workspace is None:
         workspace = torch.empty(needed, dtype=torch.float32, device=q.device)
-    elif workspace.dtype != torch.float32 or workspace.dim() != 1 or workspace.stride(0) != 1 \
-            or workspace.numel() < needed:
-        raise ValueError(f"workspace must be flat contiguous float32 with >= {needed} elements; got "
-                         f"{workspace.dtype} {tuple(workspace.shape)}")
+    elif (
+        workspace.dtype != torch.float32
+        or workspace.dim() != 1
+        or workspace.stride(0) != 1
+        or workspace.numel() < needed
+    ):
+        raise ValueError(
+            f"workspace must be flat contiguous float32 with >= {needed} elements; got "
+            f"{workspace.dtype} {tuple(workspace.shape)}"
+        )
     if virtual == 0:
         return out, lse
     partial_rows = virtual * splits * group
@@ -269,15 +315,41 @@ def triton_headwise_decode(
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     _split_kernel[(virtual, splits)](
-        q, k_cells, v_cells, indptr, indices, part_out, part_lse,
-        scale * _LOG2E, q.stride(0), q.stride(1), k_cells.stride(0), v_cells.stride(0), num_kv_heads,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        BLOCK_KEYS=BLOCK_KEYS, num_warps=split_warps(q.dtype), num_stages=2,
+        q,
+        k_cells,
+        v_cells,
+        indptr,
+        indices,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cells.stride(0),
+        v_cells.stride(0),
+        num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_KEYS=BLOCK_KEYS,
+        num_warps=split_warps(q.dtype),
+        num_stages=2,
     )
     _merge_kernel[(virtual, group)](
-        part_out, part_lse, out, lse,
-        splits, out.stride(0), out.stride(1), lse.stride(0), num_kv_heads,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        part_out,
+        part_lse,
+        out,
+        lse,
+        splits,
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_D=block_d,
         num_warps=4,
     )
     return out, lse

@@ -81,8 +81,9 @@ def _indices_kernel(
         mask = t + offs < tail
         slot = tl.load(slots + t + offs, mask=mask, other=0).to(tl.int64)
         dst = first + t + offs
-        tl.store(out + dst, (base + slot * num_heads + head).to(indices_ptr.dtype.element_ty),
-                 mask=mask & (dst < capacity))
+        tl.store(
+            out + dst, (base + slot * num_heads + head).to(indices_ptr.dtype.element_ty), mask=mask & (dst < capacity)
+        )
 
 
 def decode_index_tables_triton(
@@ -105,15 +106,34 @@ def decode_index_tables_triton(
     layers, batch, heads = inputs.seg_len.shape
     virtual = batch * heads
     if indptr.shape != (layers, virtual + 1) or indices.dim() != 2 or indices.shape[0] != layers:
-        raise ValueError(f"indptr {tuple(indptr.shape)} / indices {tuple(indices.shape)} do not fit L={layers}, B*H={virtual}")
+        raise ValueError(
+            f"indptr {tuple(indptr.shape)} / indices {tuple(indices.shape)} do not fit L={layers}, B*H={virtual}"
+        )
     if not (indptr.is_contiguous() and indices.is_contiguous() and req_to_token.stride(1) == 1):
         raise ValueError("indptr, indices and the rows of req_to_token must be contiguous")
     _indptr_kernel[(layers,)](
-        inputs.seg_len, inputs.tail_start, seq_lens, indptr, virtual, heads,
+        inputs.seg_len,
+        inputs.tail_start,
+        seq_lens,
+        indptr,
+        virtual,
+        heads,
         BLOCK_V=triton.next_power_of_2(max(virtual, 1)),
     )
     _indices_kernel[(virtual, layers)](
-        inputs.cells, inputs.seg_start, inputs.seg_len, inputs.rows, inputs.tail_start, seq_lens,
-        req_to_token, req_to_token.stride(0), indptr, indices, indices.shape[1], virtual, heads, inputs.layer_cells,
+        inputs.cells,
+        inputs.seg_start,
+        inputs.seg_len,
+        inputs.rows,
+        inputs.tail_start,
+        seq_lens,
+        req_to_token,
+        req_to_token.stride(0),
+        indptr,
+        indices,
+        indices.shape[1],
+        virtual,
+        heads,
+        inputs.layer_cells,
         BLOCK=block,
     )

@@ -92,6 +92,16 @@ def pack_cells_triton(
     grid = (triton.cdiv(count, block_t), 2)
     for scatter, cells in ((False, moves.src), (True, moves.dst)):
         _move_kernel[grid](
-            table, moves.layer, cells, tmp, count, moves.num_layers, k_width, v_width, width,
-            SCATTER=scatter, BLOCK_T=block_t, BLOCK_D=block_d,
+            table,
+            moves.layer,
+            cells,
+            tmp,
+            count,
+            moves.num_layers,
+            k_width,
+            v_width,
+            width,
+            SCATTER=scatter,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
         )

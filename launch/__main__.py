@@ -10,7 +10,7 @@ from typing import NoReturn
 from madakv_sglang.launch import LaunchError, cli
 from madakv_sglang.launch.checks import plugin_problems
 from madakv_sglang.launch.commands import SERVER_MODULE, module_command, shell_line, single_node_line
-from madakv_sglang.launch.plan import build_plan, forwarded_env
+from madakv_sglang.launch.node_plan import build_plan, forwarded_env
 
 
 def hand_off(options: cli.Options, environ: Mapping[str, str]) -> NoReturn:
@@ -55,7 +55,7 @@ def run(options: cli.Options, environ: Mapping[str, str]) -> int:
 
 def _check_kv_flags(options: cli.Options) -> None:
     """Bad ``--kv-*`` values stop here with the plugin's message (exit 2), before any node is contacted."""
-    from madakv_sglang.sglang.plugin import config_from_kv_argv, split_kv_argv
+    from madakv_sglang.engine.plugin import config_from_kv_argv, split_kv_argv
 
     config_from_kv_argv(split_kv_argv(options.server.argv)[0], prog=cli.PROG)
 

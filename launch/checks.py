@@ -26,16 +26,21 @@ def plugin_problems() -> list[str]:
     problems = []
     found = package_version("sglang")
     if found != SGLANG_VERSION:
-        problems.append(f"sglang {found} is installed in {sys.executable}; madakv-sglang needs "
-                        f"sglang=={SGLANG_VERSION}")
+        problems.append(
+            f"sglang {found} is installed in {sys.executable}; madakv-sglang needs sglang=={SGLANG_VERSION}"
+        )
     points = [point for point in entry_points(group=PLUGIN_GROUP) if point.name == PLUGIN_NAME]
     if not points:
-        problems.append(f"the {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} is not installed in {sys.executable}; "
-                        "install madakv-sglang (pip install -e . in the repository)")
+        problems.append(
+            f"the {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} is not installed in {sys.executable}; "
+            "install madakv-sglang (pip install -e . in the repository)"
+        )
     else:
         try:
             points[0].load()
         except Exception as err:  # noqa: BLE001 - any import failure is the message
-            problems.append(f"the {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} ({points[0].value}) fails to load: "
-                            f"{type(err).__name__}: {err}")
+            problems.append(
+                f"the {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} ({points[0].value}) fails to load: "
+                f"{type(err).__name__}: {err}"
+            )
     return problems

@@ -57,7 +57,8 @@ class Options:
 
 def _launcher_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, allow_abbrev=False,
+        prog=PROG,
+        allow_abbrev=False,
         usage=f"{PROG} [launcher flags] <python -m sglang.launch_server flags, --kv-* included>",
         description="Start SGLang with the madakv plugin on one node or several (module docstring: "
         "python -c 'import madakv_sglang.launch as l; help(l)').",
@@ -68,25 +69,50 @@ def _launcher_parser() -> argparse.ArgumentParser:
     where.add_argument("--nodes", help="comma-separated hosts; host i runs node rank i (node 0 serves HTTP)")
     where.add_argument("--hostfile", type=Path, help="one host per line (first field), '#' starts a comment")
     remote = parser.add_argument_group("remote nodes")
-    remote.add_argument("--remote-prefix", default=None,
-                        help=f"command that runs one shell line on {{host}} (default: {DEFAULT_REMOTE_PREFIX!r})")
+    remote.add_argument(
+        "--remote-prefix",
+        default=None,
+        help=f"command that runs one shell line on {{host}} (default: {DEFAULT_REMOTE_PREFIX!r})",
+    )
     remote.add_argument("--remote-python", default=None, help="python on the nodes (default: this interpreter)")
     remote.add_argument("--remote-cwd", default=None, help="directory on the nodes (default: this directory)")
-    remote.add_argument("--local-node-rank", default=None,
-                        help="'auto' (default: the nodes whose host is this machine), a rank, or 'none'")
-    remote.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                        help="also send this variable to every node (value: this environment's, when omitted)")
-    remote.add_argument("--node-env", action="append", default=[], metavar="RANK:NAME=VALUE",
-                        help="set a variable on one node only")
+    remote.add_argument(
+        "--local-node-rank",
+        default=None,
+        help="'auto' (default: the nodes whose host is this machine), a rank, or 'none'",
+    )
+    remote.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="also send this variable to every node (value: this environment's, when omitted)",
+    )
+    remote.add_argument(
+        "--node-env", action="append", default=[], metavar="RANK:NAME=VALUE", help="set a variable on one node only"
+    )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--print-commands", action="store_true", help="print each node's shell line and exit")
     modes.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch script to FILE and exit")
-    parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
-                        help="an '#SBATCH OPT' line for --slurm, e.g. --sbatch-option=--partition=gpu")
-    parser.add_argument("--ready-timeout", type=float, default=None,
-                        help="seconds for node 0 to answer /health_generate (default: no limit)")
-    parser.add_argument("--stop-timeout", type=float, default=30.0,
-                        help="seconds for a graceful stop before the nodes are signalled directly (default: 30)")
+    parser.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="an '#SBATCH OPT' line for --slurm, e.g. --sbatch-option=--partition=gpu",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=None,
+        help="seconds for node 0 to answer /health_generate (default: no limit)",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for a graceful stop before the nodes are signalled directly (default: 30)",
+    )
     return parser
 
 
@@ -108,9 +134,17 @@ def parse_server_flags(argv: Sequence[str]) -> ServerFlags:
     """Read the flags the launcher needs; the per-node ones leave ``argv``, the rest stay as the user wrote them."""
     values, _ = _server_parser(read_only=True).parse_known_args(list(argv))  # a bad value: argparse exits 2
     _, kept = _server_parser(read_only=False).parse_known_args(list(argv))
-    return ServerFlags(given=tuple(argv), argv=tuple(kept), port=values.port, host=values.host,
-                       tp_size=values.tp_size, pp_size=values.pp_size, nnodes=values.nnodes,
-                       node_rank=values.node_rank, dist_init_addr=values.dist_init_addr)
+    return ServerFlags(
+        given=tuple(argv),
+        argv=tuple(kept),
+        port=values.port,
+        host=values.host,
+        tp_size=values.tp_size,
+        pp_size=values.pp_size,
+        nnodes=values.nnodes,
+        node_rank=values.node_rank,
+        dist_init_addr=values.dist_init_addr,
+    )
 
 
 def parse(argv: Sequence[str] | None = None) -> Options:
@@ -127,9 +161,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     else:
         nodes = parse_nodes(namespace.nodes) if namespace.nodes is not None else []
     if not nodes:
-        multi_only = {"--remote-prefix": namespace.remote_prefix, "--remote-python": namespace.remote_python,
-                      "--remote-cwd": namespace.remote_cwd, "--local-node-rank": namespace.local_node_rank,
-                      "--node-env": namespace.node_env or None}
+        multi_only = {
+            "--remote-prefix": namespace.remote_prefix,
+            "--remote-python": namespace.remote_python,
+            "--remote-cwd": namespace.remote_cwd,
+            "--local-node-rank": namespace.local_node_rank,
+            "--node-env": namespace.node_env or None,
+        }
         given = [flag for flag, value in multi_only.items() if value is not None]
         if given:
             raise LaunchError(f"{', '.join(given)} need --nodes or --hostfile")

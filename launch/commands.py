@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from madakv_sglang.launch import LaunchError
-from madakv_sglang.launch.plan import Node, Plan
+from madakv_sglang.launch.node_plan import Node, Plan
 
 SERVER_MODULE = "sglang.launch_server"
 PREFLIGHT_MODULE = "madakv_sglang.launch.preflight"

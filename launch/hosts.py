@@ -3,6 +3,7 @@ this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import socket
@@ -58,10 +59,8 @@ def resolvable(host: str) -> bool:
 @functools.cache
 def _this_machine() -> frozenset[str]:
     names = {"localhost", socket.gethostname(), socket.getfqdn()}
-    try:
+    with contextlib.suppress(OSError):
         names.update(socket.gethostbyname_ex(socket.gethostname())[2])
-    except OSError:
-        pass
     return frozenset(name.lower() for name in names)
 
 

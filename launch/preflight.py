@@ -19,7 +19,7 @@ from madakv_sglang.launch import LaunchError
 from madakv_sglang.launch.checks import package_version, plugin_problems
 
 if TYPE_CHECKING:
-    from madakv_sglang.launch.plan import Plan
+    from madakv_sglang.launch.node_plan import Plan
 
 PACKAGES = ("madakv-sglang", "sglang", "torch", "transformers")
 TIMEOUT = 120.0  # seconds per node: a remote prefix's connection plus importing torch
@@ -29,23 +29,26 @@ PROG = "python -m madakv_sglang.launch.preflight"
 def node_report(kv_argv: Sequence[str]) -> dict[str, Any]:
     """``{"versions": {package: version}, "policy": {field: text}, "plugin": [problem, ...]}`` for this node.
     Bad ``--kv-*`` values exit 2 with the plugin's message."""
-    from madakv_sglang.sglang import settings
-    from madakv_sglang.sglang.plugin import config_from_kv_argv
+    from madakv_sglang.engine import environment
+    from madakv_sglang.engine.plugin import config_from_kv_argv
 
-    config = config_from_kv_argv(kv_argv, prog=PROG) or settings.config_from_env()
-    return {"versions": {name: package_version(name) for name in PACKAGES}, "policy": config.to_strings(),
-            "plugin": plugin_problems()}
+    config = config_from_kv_argv(kv_argv, prog=PROG) or environment.server_config()
+    return {
+        "versions": {name: package_version(name) for name in PACKAGES},
+        "policy": config.to_strings(),
+        "plugin": plugin_problems(),
+    }
 
 
 def differences(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
     """One line per node and item that differs from node 0's report, plus each node's plugin problems."""
-    from madakv_sglang.config import policy_flag
+    from madakv_sglang.settings import flag_name
 
-    lines = [f"{name}: {problem}" for name, report in zip(names, reports) for problem in report["plugin"]]
+    lines = [f"{name}: {problem}" for name, report in zip(names, reports, strict=True) for problem in report["plugin"]]
     first = reports[0]
-    for name, report in zip(names[1:], reports[1:]):
+    for name, report in zip(names[1:], reports[1:], strict=True):
         items = [(f"{package} version", "versions", package) for package in PACKAGES]
-        items += [(policy_flag(field, "kv-"), "policy", field) for field in first["policy"]]
+        items += [(flag_name(field, "kv-"), "policy", field) for field in first["policy"]]
         for label, section, key in items:
             want, got = first[section].get(key), report[section].get(key)
             if got != want:
@@ -75,16 +78,25 @@ def check_nodes(plan: Plan) -> None:
     argv = ["--json", *plan.kv_argv]
     commands = [node_command(plan, node, PREFLIGHT_MODULE, argv) for node in plan.nodes]  # all spelled first
     processes = []
-    for node, command in zip(plan.nodes, commands):
+    for node, command in zip(plan.nodes, commands, strict=True):
         try:
-            processes.append(subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                errors="replace", env=local_env(node) if node.local else None, start_new_session=True))
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                    env=local_env(node) if node.local else None,
+                    start_new_session=True,
+                )
+            )
         except OSError as err:
             raise LaunchError(f"{node.name}: cannot run {command[0]}: {err.strerror}") from None
     reports: list[dict[str, Any]] = []
     failures = []
-    for node, process in zip(plan.nodes, processes):
+    for node, process in zip(plan.nodes, processes, strict=True):
         try:
             output, _ = process.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -102,8 +114,9 @@ def check_nodes(plan: Plan) -> None:
         raise LaunchError("preflight failed, nothing was started:\n  - " + "\n  - ".join(failures))
     problems = differences(reports, [node.name for node in plan.nodes])
     if problems:
-        raise LaunchError("refusing to start, the nodes differ (the preflight of each node):\n  - "
-                          + "\n  - ".join(problems))
+        raise LaunchError(
+            "refusing to start, the nodes differ (the preflight of each node):\n  - " + "\n  - ".join(problems)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from madakv_sglang.launch import LaunchError
 from madakv_sglang.launch.cli import Options
 from madakv_sglang.launch.commands import SERVER_MODULE, module_command
 from madakv_sglang.launch.hosts import check_port, split_address
-from madakv_sglang.launch.plan import DEFAULT_DIST_PORT, check_topology, forwarded_env
+from madakv_sglang.launch.node_plan import DEFAULT_DIST_PORT, check_topology, forwarded_env
 
 JOB_NAME = "madakv-sglang"
 
@@ -33,8 +33,9 @@ def sbatch_script(options: Options, environ: Mapping[str, str]) -> str:
     else:
         dist = f'"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):{DEFAULT_DIST_PORT}"'
     command = module_command(options.remote_python, SERVER_MODULE, [*server.argv, "--port", str(server.port)])
-    task = (f'exec {shlex.join(command)} --nnodes {nnodes} --node-rank "$SLURM_NODEID" '
-            f'--dist-init-addr "$DIST_INIT_ADDR"')
+    task = (
+        f'exec {shlex.join(command)} --nnodes {nnodes} --node-rank "$SLURM_NODEID" --dist-init-addr "$DIST_INIT_ADDR"'
+    )
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={JOB_NAME}",

@@ -8,6 +8,7 @@ other nodes' schedulers; then SIGTERM, then SIGKILL, to the process group of eac
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -23,7 +24,7 @@ from types import FrameType
 from typing import IO
 
 from madakv_sglang.launch.commands import local_env, node_command
-from madakv_sglang.launch.plan import Node, Plan
+from madakv_sglang.launch.node_plan import Node, Plan
 
 TAIL_LINES = 30  # a dead node's last log lines, printed with the error
 POLL_SECONDS = 0.2
@@ -32,10 +33,8 @@ HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def signal_group(group: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(group, sig)
-    except ProcessLookupError:
-        pass
 
 
 def group_alive(group: int) -> bool:
@@ -73,8 +72,14 @@ class Supervisor:
     """Start, watch and stop the nodes of ``plan``; :meth:`run` returns the launcher's exit code (0 stopped on
     request, 1 a node died or node 0 was not ready in time)."""
 
-    def __init__(self, plan: Plan, ready_timeout: float | None, stop_timeout: float,
-                 out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        ready_timeout: float | None,
+        stop_timeout: float,
+        out: IO[str] = sys.stdout,
+        err: IO[str] = sys.stderr,
+    ) -> None:
         self.plan = plan
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
@@ -107,9 +112,14 @@ class Supervisor:
         for node in self.plan.nodes:
             if self.signals:
                 return
-            process = subprocess.Popen(node_command(self.plan, node), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       env=local_env(node) if node.local else None, start_new_session=True)
+            process = subprocess.Popen(
+                node_command(self.plan, node),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=local_env(node) if node.local else None,
+                start_new_session=True,
+            )
             running = _Running(node, process)
             running.reader = threading.Thread(target=self._stream, args=(running,), daemon=True)
             running.reader.start()
@@ -149,12 +159,16 @@ class Supervisor:
                     return self._died(running, announced)
             if self.ready.is_set() and not announced:
                 announced = True
-                self.say(f"[launch] ready: {self.plan.ready_url} ({len(self.running)} nodes, "
-                         f"node 0 answers /health_generate)")
-            if (not announced and self.ready_timeout is not None
-                    and time.monotonic() - started > self.ready_timeout):
-                self.say(f"[launch] error: node 0 did not answer {self.plan.ready_url}/health_generate within "
-                         f"--ready-timeout {self.ready_timeout:g} s; stopping every node", error=True)
+                self.say(
+                    f"[launch] ready: {self.plan.ready_url} ({len(self.running)} nodes, "
+                    f"node 0 answers /health_generate)"
+                )
+            if not announced and self.ready_timeout is not None and time.monotonic() - started > self.ready_timeout:
+                self.say(
+                    f"[launch] error: node 0 did not answer {self.plan.ready_url}/health_generate within "
+                    f"--ready-timeout {self.ready_timeout:g} s; stopping every node",
+                    error=True,
+                )
                 return 1
             time.sleep(POLL_SECONDS)
 
@@ -163,8 +177,10 @@ class Supervisor:
             running.reader.join(timeout=2.0)  # the last lines (an orphaned child may hold the pipe open)
         node = running.node
         when = "while serving" if was_ready else "before node 0 was ready"
-        lines = [f"[launch] error: {node.name} {describe_exit(running.process.returncode)} {when}; "
-                 f"its last {len(running.tail)} log lines:"]
+        lines = [
+            f"[launch] error: {node.name} {describe_exit(running.process.returncode)} {when}; "
+            f"its last {len(running.tail)} log lines:"
+        ]
         lines += [f"[node{node.rank}] {line}" for line in running.tail]
         lines.append(f"[launch] error: {node.name} died; stopping the other nodes")
         self.say("\n".join(lines), error=True)

@@ -1,14 +1,17 @@
 """Policy configuration: one frozen, self-validating dataclass shared by the CLI, the engine and the HF path.
 
-Every knob the paper leaves open (window, theta, pooling, floors, head split, GQA reduction) is a field here,
-with the defaults we chose documented in README.md ("Defaults we chose").
+Every knob the paper leaves open (window, theta, pooling, floors, head split, GQA reduction) is a field here, with
+the defaults we chose (docs/design.md §8). A knob of one policy family (the seed of ``random``, PyramidKV's beta,
+AdaKV's safeguard) is a :class:`PolicyOption` declared beside its policy; the config carries its value without
+knowing it. This module is a leaf: it imports nothing of the package and no torch, so building a config is cheap
+everywhere. Policy names and options are checked at the edges (``madakv_sglang.settings``), where the registry is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
@@ -28,6 +31,40 @@ LAYOUTS: tuple[str, ...] = ("shared", "per-layer")
 
 class ConfigError(ValueError):
     """A policy setting is invalid; the message names the setting and the accepted values."""
+
+
+@dataclass(frozen=True)
+class PolicyOption:
+    """A setting of one policy family, declared next to the policy and registered with it.
+
+    Attributes:
+        name: the setting's name (``--kv-<name>`` on a server, ``kv_<name>`` in ``custom_params``).
+        default: the value a config without this option means.
+        parse: text (or a Python value) -> value; raises ValueError or ConfigError on bad input.
+        problem: the value -> why it is invalid, or ``None`` when it is valid.
+        help: one line for ``--help``.
+    """
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    problem: Callable[[Any], str | None]
+    help: str
+
+    def of(self, config: PolicyConfig) -> Any:
+        """This option's value in ``config`` (the default when the config does not set it)."""
+        return dict(config.options).get(self.name, self.default)
+
+    def validated(self, raw: Any) -> Any:
+        try:
+            value = self.parse(raw)
+        except (TypeError, ValueError) as err:
+            message = str(err) if isinstance(err, ConfigError) else f"cannot parse {raw!r}"
+            raise ConfigError(message if message.startswith(f"{self.name}:") else f"{self.name}: {message}") from None
+        problem = self.problem(value)
+        if problem is not None:
+            raise ConfigError(f"{self.name}: {problem}, got {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -66,7 +103,7 @@ class Budget:
                 return cls(ratio=ratio)
             return cls(tokens=int(text))
         except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"budget: expected a ratio like 0.1 or a token count like 512, got {value!r}")
+            raise ConfigError(f"budget: expected a ratio like 0.1 or a token count like 512, got {value!r}") from None
 
     def tokens_for(self, prompt_len: int) -> int:
         """Nominal B for a prompt of ``prompt_len`` tokens (before the floor and the prompt-length clamp)."""
@@ -82,7 +119,8 @@ class Budget:
         return format(float(self.ratio), "g") if self.ratio.denominator != 1 else "1.0"
 
 
-def _parse_bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
+    """``on/off``, ``true/false``, ``1/0``, ``yes/no`` (any case) or a bool."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -95,10 +133,11 @@ def _parse_bool(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Everything a policy needs besides the scores. Defaults follow DESIGN §2.
+    """Everything a policy needs besides the scores (docs/design.md §2-§4).
 
     Attributes:
-        policy: registry name (``madakv``, ``snapkv``, ... see ``madakv_sglang.policies.policy_names()``).
+        policy: registry name (``madakv``, ``snapkv``, ... see ``madakv_sglang.policies.policy_names()``); checked
+            against the registry at the edges (``madakv_sglang.settings``), not here.
         budget: B per head per layer on average, a ratio of the prompt or absolute tokens.
         window: W, the last prompt tokens whose queries score the prompt (the paper's proxy tokens); always kept.
         theta: coverage ratio for the HCC demand (smallest token set holding theta of a modality's mass).
@@ -112,18 +151,18 @@ class PolicyConfig:
         min_keep: per-head floor, and a budget below it is raised to it; unset (the default), every head keeps
             at least its sinks and kept window and the budget is never raised.
         sink: S, the first prompt tokens every score-based policy keeps in every head (attention sinks), inside
-            the budget; also the sinks of ``streamingllm``. 0 turns them off.
+            the budget; also the sinks of ``streamingllm``. 0 turns them off. Shared by seven policies through
+            the common budget state, so it is a field, not a :class:`PolicyOption`.
         window_share: the largest share of what the sinks leave of the budget that the kept window takes (below
             S + W / window_share tokens the kept window shrinks, so the rest is chosen by score).
         min_prompt: prompts shorter than this are not compressed (served as stock SGLang would).
         min_reclaim: a prompt is not compressed when its budget would reclaim less than this share of it.
-        seed: seed of the ``random`` policy.
-        pyramid_beta: PyramidKV's ratio between the largest and the smallest layer budget's spread.
-        adakv_alpha: AdaKV's safeguard, the share of B every head keeps before the cross-head top-k.
         layout: where the kept cells live in SGLang's pool. ``shared``: the cells of all layers are one allocation
             and a request holds ceil(sum of kept cells / (L * H_r)) slots; ``per-layer``: each layer packs into
             its own buffer and a request holds its fullest layer's ceil(C_l / H_r) slots in every layer. A
             property of the pool (the server's, never a request's).
+        options: the values of policy options (:class:`PolicyOption`) that differ from their defaults, as sorted
+            ``(name, value)`` pairs; read them with ``OPTION.of(config)``.
     """
 
     policy: str = "madakv"
@@ -142,18 +181,13 @@ class PolicyConfig:
     window_share: float = 0.5
     min_prompt: int = 256
     min_reclaim: float = 0.1
-    seed: int = 0
-    pyramid_beta: int = 20
-    adakv_alpha: float = 0.2
     layout: Layout = "shared"
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        from madakv_sglang.policies.registry import policy_names
-
         object.__setattr__(self, "budget", Budget.parse(self.budget))
-        names = policy_names()
-        if self.policy not in names:
-            raise ConfigError(f"policy: unknown {self.policy!r}; choose one of {', '.join(names)}")
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ConfigError(f"policy: expected a policy name, got {self.policy!r}")
         _check_int("window", self.window, lo=1)
         if not (0.0 < self.theta <= 1.0):
             raise ConfigError(f"theta: must be in (0, 1], got {self.theta}")
@@ -174,10 +208,10 @@ class PolicyConfig:
         _check_int("min_prompt", self.min_prompt, lo=0)
         if not (0.0 <= self.min_reclaim < 1.0):
             raise ConfigError(f"min_reclaim: must be in [0, 1), got {self.min_reclaim}")
-        _check_int("pyramid_beta", self.pyramid_beta, lo=1)
-        if not (0.0 <= self.adakv_alpha <= 1.0):
-            raise ConfigError(f"adakv_alpha: must be in [0, 1], got {self.adakv_alpha}")
         _check_choice("layout", self.layout, LAYOUTS)
+        names = [name for name, _ in self.options]
+        if names != sorted(set(names)):
+            raise ConfigError(f"options: expected sorted, unique (name, value) pairs, got {self.options!r}")
 
     @property
     def cap_fraction(self) -> Fraction | None:
@@ -197,40 +231,73 @@ class PolicyConfig:
     def replace(self, **changes: Any) -> PolicyConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_options(self, values: Mapping[str, Any], known: Mapping[str, PolicyOption]) -> PolicyConfig:
+        """This config with the policy options ``values`` (validated by their ``known`` declarations) set; an
+        option set to its default is dropped, so equal settings give equal configs."""
+        merged = dict(self.options)
+        for name, raw in values.items():
+            option = known[name]
+            value = option.validated(raw)
+            if value == option.default:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        return dataclasses.replace(self, options=tuple(sorted(merged.items())))
+
     # ---- text forms shared by CLI flags, environment variables and per-request overrides ----
 
     @classmethod
-    def from_strings(cls, values: Mapping[str, Any], base: PolicyConfig | None = None) -> PolicyConfig:
-        """Build from ``{field: text}`` (e.g. parsed flags or env vars), validating every value."""
+    def from_strings(
+        cls,
+        values: Mapping[str, Any],
+        base: PolicyConfig | None = None,
+        options: Mapping[str, PolicyOption] | None = None,
+    ) -> PolicyConfig:
+        """Build from ``{setting: text}`` (e.g. parsed flags or env vars), validating every value. ``options`` are
+        the policy options that may appear besides the fields (``madakv_sglang.settings`` passes the registry's)."""
         base = base or cls()
+        options = options or {}
         changes: dict[str, Any] = {}
+        option_values: dict[str, Any] = {}
         for key, raw in values.items():
             if raw is None:
                 continue
-            if key not in _FIELD_PARSERS:
-                raise ConfigError(f"unknown policy setting {key!r}; known: {', '.join(sorted(_FIELD_PARSERS))}")
+            if key in options:
+                option_values[key] = raw
+                continue
+            if key not in FIELD_PARSERS:
+                known = sorted([*FIELD_PARSERS, *options])
+                raise ConfigError(f"unknown policy setting {key!r}; known: {', '.join(known)}")
             try:
-                changes[key] = _FIELD_PARSERS[key](raw)
+                changes[key] = FIELD_PARSERS[key](raw)
             except ConfigError as err:
                 message = str(err)
                 raise ConfigError(message if message.startswith(f"{key}:") else f"{key}: {message}") from None
             except (TypeError, ValueError):
                 raise ConfigError(f"{key}: cannot parse {raw!r}") from None
-        return dataclasses.replace(base, **changes)
+        config = dataclasses.replace(base, **changes)
+        return config.with_options(option_values, options) if option_values else config
 
     def to_strings(self) -> dict[str, str]:
-        """The inverse of :meth:`from_strings` (every field as text)."""
+        """The inverse of :meth:`from_strings`: every field, and every option that is set, as text."""
         out: dict[str, str] = {}
         for f in dataclasses.fields(self):
+            if f.name == "options":
+                continue
             value = getattr(self, f.name)
-            if isinstance(value, bool):
-                out[f.name] = "on" if value else "off"
-            elif value is None:
+            if value is None:
                 if f.name in _NONE_TEXT:
                     out[f.name] = "none"
             else:
-                out[f.name] = str(value)
+                out[f.name] = _text(value)
+        out.update((name, _text(value)) for name, value in self.options)
         return out
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def _check_int(name: str, value: Any, lo: int) -> None:
@@ -250,7 +317,8 @@ def _parse_cap(value: Any) -> float | None:
 # Fields whose None is a setting of its own that differs from the default, so its text form must carry it.
 _NONE_TEXT = frozenset({"cap"})
 
-_FIELD_PARSERS: dict[str, Any] = {
+# The text parser of every field but ``options`` (whose values are parsed by their declarations).
+FIELD_PARSERS: dict[str, Callable[[Any], Any]] = {
     "policy": str,
     "budget": Budget.parse,
     "window": int,
@@ -261,74 +329,20 @@ _FIELD_PARSERS: dict[str, Any] = {
     "hcc": str,
     "cap": _parse_cap,
     "head_split": str,
-    "mpa": _parse_bool,
+    "mpa": parse_bool,
     "min_keep": int,
     "sink": int,
     "window_share": float,
     "min_prompt": int,
     "min_reclaim": float,
-    "seed": int,
-    "pyramid_beta": int,
-    "adakv_alpha": float,
     "layout": str,
 }
-
-
-# ---- command-line flags (the plan CLI uses no prefix; the SGLang plugin uses "kv-") ----
-
-POLICY_FIELDS: tuple[str, ...] = tuple(_FIELD_PARSERS)
-
-_HELP = {
-    "policy": "eviction policy",
-    "budget": "per-head per-layer budget: a ratio of the prompt (0.1) or tokens (512)",
-    "window": "observation window W: last prompt tokens that score the rest; always kept",
-    "theta": "HCC coverage ratio of a modality's attention mass",
-    "pooling": "score pooling for ranking only (never across modalities)",
-    "pool_kernel": "pooling kernel size (odd)",
-    "gqa": "reduction of the query heads of a KV group",
-    "hcc": "layer allotment: global water-filling, the paper's recurrence, or off",
-    "cap": "per-layer cap as a multiple of H*B, or none",
-    "head_split": "how a layer's cells are split over its heads",
-    "mpa": "modality preference adaptation (on/off)",
-    "min_keep": "per-head floor; a budget below it is raised to it (default: none, every head keeps its sinks "
-    "and kept window)",
-    "sink": "attention sinks: the first prompt tokens every score-based policy (and streamingllm) keeps",
-    "window_share": "largest share of the budget left after the sinks that the kept window takes",
-    "min_prompt": "prompts shorter than this many tokens are not compressed",
-    "min_reclaim": "prompts whose budget would reclaim less than this share of them are not compressed",
-    "seed": "seed of the random policy",
-    "pyramid_beta": "PyramidKV's beta",
-    "adakv_alpha": "AdaKV's safeguard share of B",
-    "layout": "where kept cells live: shared (all layers' cells are one pool) or per-layer (each layer's own)",
+FIELDS: tuple[str, ...] = tuple(FIELD_PARSERS)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "pooling": POOLINGS,
+    "gqa": GQA_REDUCES,
+    "hcc": HCC_MODES,
+    "head_split": HEAD_SPLITS,
+    "mpa": ("on", "off"),
+    "layout": LAYOUTS,
 }
-_CHOICES = {"pooling": POOLINGS, "gqa": GQA_REDUCES, "hcc": HCC_MODES, "head_split": HEAD_SPLITS, "mpa": ("on", "off"),
-            "layout": LAYOUTS}
-
-
-def policy_flag(field_name: str, prefix: str = "") -> str:
-    """``head_split`` -> ``--kv-head-split`` (with prefix ``kv-``)."""
-    return "--" + prefix + field_name.replace("_", "-")
-
-
-def add_policy_arguments(parser: Any, prefix: str = "", fields: tuple[str, ...] | None = None) -> None:
-    """Add one flag per PolicyConfig field; defaults and choices come from the dataclass and the registry.
-    Every flag defaults to None so callers can tell "not given" from the default."""
-    from madakv_sglang.policies.registry import policy_names
-
-    defaults = PolicyConfig().to_strings()
-    for name in fields or POLICY_FIELDS:
-        choices = policy_names() if name == "policy" else _CHOICES.get(name)
-        parser.add_argument(
-            policy_flag(name, prefix),
-            dest=prefix.replace("-", "_") + name,
-            default=None,
-            choices=choices,
-            help=f"{_HELP[name]} (default: {defaults.get(name, 'none')})",
-        )
-
-
-def config_from_arguments(namespace: Any, prefix: str = "", base: PolicyConfig | None = None) -> PolicyConfig:
-    """The PolicyConfig described by flags added with :func:`add_policy_arguments`."""
-    dest = prefix.replace("-", "_")
-    values = {name: getattr(namespace, dest + name, None) for name in POLICY_FIELDS}
-    return PolicyConfig.from_strings(values, base=base)

@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Any
 
 from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.serving import Server
+from madakv_sglang.server_process import Server
 
 MODEL_KIND = "qwen2_vl"
 MODEL_DIR_NAME = "tiny-qwen2-vl"  # the frontend's chat-template lookup matches "qwen2-vl" in the path too
@@ -43,7 +43,7 @@ NUM_IMAGES = 4
 MAX_TOKENS = 16
 FRONTEND_CHAT_TEMPLATE = "qwen2-vl"  # sglang.lang's template with Qwen2-VL's image placeholder
 MAX_TOTAL_TOKENS = 8192
-# Written by madakv_sglang.sglang.reclaim for every compressed prompt.
+# Written by madakv_sglang.engine.reclaim for every compressed prompt.
 RECLAIM_LINE = re.compile(
     r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) -> (?P<m>\d+) "
     r"\((?P<pct>[\d.]+)% reclaimed, waste (?P<waste>\d+) cells, layout (?P<layout>[\w-]+)\)"
@@ -140,12 +140,22 @@ def logged_summaries(log_text: str) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for match in RECLAIM_LINE.finditer(log_text):
         n, m = int(match["n"]), int(match["m"])
-        found[match["rid"]] = {"prompt_slots": n, "kept_slots": m, "reclaimed_slots": n - m,
-                               "packing_waste_cells": int(match["waste"]), "skipped": None}
+        found[match["rid"]] = {
+            "prompt_slots": n,
+            "kept_slots": m,
+            "reclaimed_slots": n - m,
+            "packing_waste_cells": int(match["waste"]),
+            "skipped": None,
+        }
     for match in SKIP_LINE.finditer(log_text):
         n = int(match["n"])
-        found[match["rid"]] = {"prompt_slots": n, "kept_slots": n, "reclaimed_slots": 0, "packing_waste_cells": 0,
-                               "skipped": match["reason"]}
+        found[match["rid"]] = {
+            "prompt_slots": n,
+            "kept_slots": n,
+            "reclaimed_slots": 0,
+            "packing_waste_cells": 0,
+            "skipped": match["reason"],
+        }
     return found
 
 
@@ -160,8 +170,10 @@ class SlotAccounts:
     def numbers(self, rid: str, prompt_tokens: int, response: Any = None) -> tuple[dict[str, Any], str]:
         summary = reported_summary(response)
         if summary is not None:
-            counts: dict[str, Any] = {key: int(summary[key]) for key in
-                                      ("prompt_slots", "kept_slots", "reclaimed_slots", "packing_waste_cells")}
+            counts: dict[str, Any] = {
+                key: int(summary[key])
+                for key in ("prompt_slots", "kept_slots", "reclaimed_slots", "packing_waste_cells")
+            }
             return {**counts, "skipped": summary.get("skipped")}, "meta_info"
         if self.compressing:
             # The line is logged when the prefill's result is processed, before the response; the wait only
@@ -175,20 +187,46 @@ class SlotAccounts:
                     break
                 time.sleep(0.1)
             say(f"warning: no madakv line for request {rid} in the server log; counting it as uncompressed")
-        full = {"prompt_slots": prompt_tokens, "kept_slots": prompt_tokens, "reclaimed_slots": 0,
-                "packing_waste_cells": 0, "skipped": None}
+        full = {
+            "prompt_slots": prompt_tokens,
+            "kept_slots": prompt_tokens,
+            "reclaimed_slots": 0,
+            "packing_waste_cells": 0,
+            "skipped": None,
+        }
         return full, "uncompressed"
 
 
-def _result(accounts: SlotAccounts, name: str, api: str, rid: str, images: int, prompt_tokens: int,
-            image_tokens: int, seconds: float, answer: str, response: Any = None) -> RequestResult:
+def _result(
+    accounts: SlotAccounts,
+    name: str,
+    api: str,
+    rid: str,
+    images: int,
+    prompt_tokens: int,
+    image_tokens: int,
+    seconds: float,
+    answer: str,
+    response: Any = None,
+) -> RequestResult:
     slots, source = accounts.numbers(rid, prompt_tokens, response)
     n, m = slots["prompt_slots"], slots["kept_slots"]
     return RequestResult(
-        name=name, api=api, rid=rid, images=images, prompt_tokens=prompt_tokens, image_tokens=image_tokens,
-        kv_slots_full=n, kv_slots_kept=m, reclaimed_slots=slots["reclaimed_slots"],
-        reclaimed_fraction=round(1 - m / n, 4) if n else 0.0, packing_waste_cells=slots["packing_waste_cells"],
-        source=source, seconds=round(seconds, 3), answer=answer, skipped=slots["skipped"],
+        name=name,
+        api=api,
+        rid=rid,
+        images=images,
+        prompt_tokens=prompt_tokens,
+        image_tokens=image_tokens,
+        kv_slots_full=n,
+        kv_slots_kept=m,
+        reclaimed_slots=slots["reclaimed_slots"],
+        reclaimed_fraction=round(1 - m / n, 4) if n else 0.0,
+        packing_waste_cells=slots["packing_waste_cells"],
+        source=source,
+        seconds=round(seconds, 3),
+        answer=answer,
+        skipped=slots["skipped"],
     )
 
 
@@ -205,22 +243,48 @@ def _chat_messages(question: str, images: list[Path]) -> list[dict[str, Any]]:
 
 def chat(server: Server, accounts: SlotAccounts, name: str, question: str, images: list[Path]) -> RequestResult:
     """One ``/v1/chat/completions`` request; its response id is SGLang's request id."""
-    payload = {"model": "tiny", "messages": _chat_messages(question, images), "temperature": 0,
-               "max_tokens": MAX_TOKENS}
+    payload = {
+        "model": "tiny",
+        "messages": _chat_messages(question, images),
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+    }
     start = time.monotonic()
     response = server.post("/v1/chat/completions", payload)
     seconds = time.monotonic() - start
     usage = response["usage"]
     image_tokens = int((usage.get("prompt_tokens_details") or {}).get("image_tokens") or 0)
-    return _result(accounts, name, "/v1/chat/completions", response["id"], len(images), int(usage["prompt_tokens"]),
-                   image_tokens, seconds, response["choices"][0]["message"]["content"] or "", response)
+    return _result(
+        accounts,
+        name,
+        "/v1/chat/completions",
+        response["id"],
+        len(images),
+        int(usage["prompt_tokens"]),
+        image_tokens,
+        seconds,
+        response["choices"][0]["message"]["content"] or "",
+        response,
+    )
 
 
-def chat_stream(server: Server, accounts: SlotAccounts, name: str, question: str, images: list[Path],
-                on_text: Callable[[str], None] | None = None) -> RequestResult:
+def chat_stream(
+    server: Server,
+    accounts: SlotAccounts,
+    name: str,
+    question: str,
+    images: list[Path],
+    on_text: Callable[[str], None] | None = None,
+) -> RequestResult:
     """A streamed ``/v1/chat/completions`` request; the last event carries the usage."""
-    payload = {"model": "tiny", "messages": _chat_messages(question, images), "temperature": 0,
-               "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": "tiny",
+        "messages": _chat_messages(question, images),
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.monotonic()
     rid, pieces, usage = "", [], None
     for event in server.stream("/v1/chat/completions", payload):
@@ -236,8 +300,17 @@ def chat_stream(server: Server, accounts: SlotAccounts, name: str, question: str
     if usage is None:
         raise RuntimeError("the streamed chat ended without a usage event")
     image_tokens = int((usage.get("prompt_tokens_details") or {}).get("image_tokens") or 0)
-    return _result(accounts, name, "/v1/chat/completions (stream)", rid, len(images), int(usage["prompt_tokens"]),
-                   image_tokens, seconds, "".join(pieces))
+    return _result(
+        accounts,
+        name,
+        "/v1/chat/completions (stream)",
+        rid,
+        len(images),
+        int(usage["prompt_tokens"]),
+        image_tokens,
+        seconds,
+        "".join(pieces),
+    )
 
 
 def frontend(server: Server, accounts: SlotAccounts, image: Path) -> list[RequestResult]:
@@ -270,21 +343,35 @@ def frontend(server: Server, accounts: SlotAccounts, image: Path) -> list[Reques
     results = []
     for var, name in (("answer", "sgl program: question"), ("follow_up", "sgl program: follow-up")):
         meta = state.get_meta_info(var)
-        results.append(_result(accounts, name, "sgl.function -> /generate", str(meta["id"]), 1,
-                               int(meta["prompt_tokens"]), int(meta.get("image_tokens") or 0),
-                               float(meta.get("e2e_latency") or seconds), str(state[var]), {"meta_info": meta}))
+        results.append(
+            _result(
+                accounts,
+                name,
+                "sgl.function -> /generate",
+                str(meta["id"]),
+                1,
+                int(meta["prompt_tokens"]),
+                int(meta.get("image_tokens") or 0),
+                float(meta.get("e2e_latency") or seconds),
+                str(state[var]),
+                {"meta_info": meta},
+            )
+        )
     return results
 
 
-def run_requests(server: Server, accounts: SlotAccounts, images: list[Path],
-                 on_text: Callable[[str], None] | None = None) -> list[RequestResult]:
+def run_requests(
+    server: Server, accounts: SlotAccounts, images: list[Path], on_text: Callable[[str], None] | None = None
+) -> list[RequestResult]:
     """The demo's requests, one after another (so each reclaim line belongs to one request)."""
     steps: list[tuple[str, Callable[[], list[RequestResult]]]] = [
         ("chat with 4 images", lambda: [chat(server, accounts, "chat: 4 images", QUESTION_4, images[:4])]),
         ("chat with 2 images", lambda: [chat(server, accounts, "chat: 2 images", QUESTION_2, images[2:4])]),
         ("text-only chat", lambda: [chat(server, accounts, "chat: text only", TEXT_ONLY, [])]),
-        ("streamed chat with 3 images",
-         lambda: [chat_stream(server, accounts, "chat (stream): 3 images", QUESTION_STREAM, images[:3], on_text)]),
+        (
+            "streamed chat with 3 images",
+            lambda: [chat_stream(server, accounts, "chat (stream): 3 images", QUESTION_STREAM, images[:3], on_text)],
+        ),
         ("frontend program", lambda: frontend(server, accounts, images[0])),
     ]
     results: list[RequestResult] = []
@@ -314,32 +401,43 @@ def totals(results: list[RequestResult]) -> dict[str, Any]:
 
 
 def print_report(config: PolicyConfig, results: list[RequestResult], timings: dict[str, float]) -> None:
-    print("Tiny Qwen2-VL with RANDOM weights: the answers are gibberish by construction; the KV numbers are the "
-          "point.")
-    print(f"SGLang {_sglang_version()} on CPU, --kv-policy {config.policy} --kv-budget {config.budget} "
-          f"(window {config.window}), {MAX_TOKENS} greedy tokens per request.\n")
+    print("Tiny Qwen2-VL with RANDOM weights: the answers are gibberish by construction; the KV numbers are the point.")
+    print(
+        f"SGLang {_sglang_version()} on CPU, --kv-policy {config.policy} --kv-budget {config.budget} "
+        f"(window {config.window}), {MAX_TOKENS} greedy tokens per request.\n"
+    )
     for r in results:
         print(f"  {r.name:<25} {r.answer!r}")
-    header = (f"\n{'request':<25}{'images':>7}{'prompt tokens':>15}{'KV slots full (n)':>19}{'kept (M)':>10}"
-              f"{'reclaimed':>11}  numbers from")
+    header = (
+        f"\n{'request':<25}{'images':>7}{'prompt tokens':>15}{'KV slots full (n)':>19}{'kept (M)':>10}"
+        f"{'reclaimed':>11}  numbers from"
+    )
     print(header)
     print("-" * (len(header) + 4))
     for r in results:
         note = f" (kept whole: {r.skipped})" if r.skipped else ""
-        print(f"{r.name:<25}{r.images:>7}{r.prompt_tokens:>15}{r.kv_slots_full:>19}{r.kv_slots_kept:>10}"
-              f"{100 * r.reclaimed_fraction:>10.1f}%  {r.source}{note}")
+        print(
+            f"{r.name:<25}{r.images:>7}{r.prompt_tokens:>15}{r.kv_slots_full:>19}{r.kv_slots_kept:>10}"
+            f"{100 * r.reclaimed_fraction:>10.1f}%  {r.source}{note}"
+        )
     total = totals(results)
-    print(f"{'total':<25}{sum(r.images for r in results):>7}{total['prompt_tokens']:>15}{total['kv_slots_full']:>19}"
-          f"{total['kv_slots_kept']:>10}{100 * total['reclaimed_fraction']:>10.1f}%")
+    print(
+        f"{'total':<25}{sum(r.images for r in results):>7}{total['prompt_tokens']:>15}{total['kv_slots_full']:>19}"
+        f"{total['kv_slots_kept']:>10}{100 * total['reclaimed_fraction']:>10.1f}%"
+    )
     if config.policy == "full":
         print("\nn: the KV-pool slots a prompt holds (one per token). Policy full evicts nothing: M = n.")
     else:
-        print("\nn: the KV-pool slots a prompt holds without eviction (one per token). M: the slots it keeps once "
-              f"{config.policy}'s cells, chosen per layer and head, are packed. The n - M others go back to "
-              "SGLang's allocator right after prefill. A prompt shorter than --kv-min-prompt "
-              f"({config.min_prompt} tokens) is kept whole, as stock SGLang would serve it.")
-    print(f"Time: set-up {timings['setup_s']:.1f} s, server start {timings['server_start_s']:.1f} s, requests "
-          f"{timings['requests_s']:.1f} s, shutdown {timings['shutdown_s']:.1f} s; total {timings['total_s']:.1f} s.")
+        print(
+            "\nn: the KV-pool slots a prompt holds without eviction (one per token). M: the slots it keeps once "
+            f"{config.policy}'s cells, chosen per layer and head, are packed. The n - M others go back to "
+            "SGLang's allocator right after prefill. A prompt shorter than --kv-min-prompt "
+            f"({config.min_prompt} tokens) is kept whole, as stock SGLang would serve it."
+        )
+    print(
+        f"Time: set-up {timings['setup_s']:.1f} s, server start {timings['server_start_s']:.1f} s, requests "
+        f"{timings['requests_s']:.1f} s, shutdown {timings['shutdown_s']:.1f} s; total {timings['total_s']:.1f} s."
+    )
 
 
 def _sglang_version() -> str:
@@ -384,29 +482,42 @@ def _log_file(keep: Path | None) -> Iterator[Path]:
 
 
 def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PolicyConfig:
-    from madakv_sglang.sglang import settings
+    from madakv_sglang.engine import environment
+    from madakv_sglang.settings import parse_settings
 
     try:
-        config = PolicyConfig.from_strings({"policy": args.policy, "budget": args.budget, "window": args.window})
-        settings.check_servable(config)
+        config = parse_settings({"policy": args.policy, "budget": args.budget, "window": args.window})
+        environment.check_servable(config)
     except ConfigError as err:
         parser.error(str(err))
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    from madakv_sglang.sglang import settings
+    from madakv_sglang.engine import environment
 
     parser = argparse.ArgumentParser(prog="python -m madakv_sglang.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", default="madakv", choices=settings.servable_policy_names(),
-                        help="--kv-policy of the server (default: madakv; 'full' runs stock SGLang)")
+    parser.add_argument(
+        "--policy",
+        default="madakv",
+        choices=environment.servable_policy_names(),
+        help="--kv-policy of the server (default: madakv; 'full' runs stock SGLang)",
+    )
     parser.add_argument("--budget", default="0.2", help="--kv-budget: a ratio of the prompt or tokens (default: 0.2)")
     parser.add_argument("--window", type=int, default=None, help="--kv-window (default: the server's, 32)")
     parser.add_argument("--keep-server-log", type=Path, metavar="PATH", help="write the server's log here and keep it")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help=f"where the checkpoint and images are written once (default: {default_work_dir()})")
-    parser.add_argument("--port", type=int, default=None,
-                        help="server port (default: a free one; MADAKV_PORT_RANGE=LOW-HIGH limits the choice)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help=f"where the checkpoint and images are written once (default: {default_work_dir()})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="server port (default: a free one; MADAKV_PORT_RANGE=LOW-HIGH limits the choice)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
     args = parser.parse_args(argv)
@@ -419,19 +530,28 @@ def main(argv: list[str] | None = None) -> int:
             say(f"writing the tiny Qwen2-VL checkpoint and {NUM_IMAGES} images under {work_dir} (once)")
             model, images = prepare(work_dir)
             setup_s = time.monotonic() - started
-            server_args = ["--max-total-tokens", str(MAX_TOTAL_TOKENS), "--kv-policy", config.policy,
-                           "--kv-budget", str(config.budget)]
+            server_args = [
+                "--max-total-tokens",
+                str(MAX_TOTAL_TOKENS),
+                "--kv-policy",
+                config.policy,
+                "--kv-budget",
+                str(config.budget),
+            ]
             if args.window is not None:
                 server_args += ["--kv-window", str(args.window)]
             with _log_file(args.keep_server_log) as log_path:
-                say(f"starting python -m sglang.launch_server on CPU ({' '.join(server_args)}); log: "
-                    f"{log_path if args.keep_server_log else 'temporary (--keep-server-log PATH keeps it)'}")
+                say(
+                    f"starting python -m sglang.launch_server on CPU ({' '.join(server_args)}); log: "
+                    f"{log_path if args.keep_server_log else 'temporary (--keep-server-log PATH keeps it)'}"
+                )
                 t0 = time.monotonic()
-                with Server(model, server_args, log_path, startup_timeout=args.startup_timeout,
-                            port=args.port) as server:
+                with Server(
+                    model, server_args, log_path, startup_timeout=args.startup_timeout, port=args.port
+                ) as server:
                     server_start_s = time.monotonic() - t0
                     say(f"server ready at {server.url} after {server_start_s:.1f} s")
-                    accounts = SlotAccounts(server, compressing=settings.is_compressing(config))
+                    accounts = SlotAccounts(server, compressing=environment.is_compressing(config))
                     t1 = time.monotonic()
                     results = run_requests(server, accounts, images)
                     requests_s = time.monotonic() - t1
@@ -444,8 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         say("terminated; the server was stopped")
         return 128 + signal.SIGTERM
-    timings = {"setup_s": setup_s, "server_start_s": server_start_s, "requests_s": requests_s,
-               "shutdown_s": shutdown_s, "total_s": time.monotonic() - started}
+    timings = {
+        "setup_s": setup_s,
+        "server_start_s": server_start_s,
+        "requests_s": requests_s,
+        "shutdown_s": shutdown_s,
+        "total_s": time.monotonic() - started,
+    }
     timings = {key: round(value, 2) for key, value in timings.items()}
     if args.json:
         report = {

@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="0.2")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--min-prompt", type=int, default=0,
-                        help="prompts shorter than this are kept whole (default 0: the demo's prompt is shorter than "
-                             "the server default, 256, and would not be compressed at all)")
+    parser.add_argument(
+        "--min-prompt",
+        type=int,
+        default=0,
+        help="prompts shorter than this are kept whole (default 0: the demo's prompt is shorter than "
+        "the server default, 256, and would not be compressed at all)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -61,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model": "tiny Qwen2-VL (random weights)", "results": rows}))
         return 0
     first = rows[0]
-    print(f"tiny Qwen2-VL (random weights): prompt {first['prompt_tokens']} tokens, {first['visual_tokens']} visual; "
-          f"budget {args.budget}, window {args.window}\n")
+    print(
+        f"tiny Qwen2-VL (random weights): prompt {first['prompt_tokens']} tokens, {first['visual_tokens']} visual; "
+        f"budget {args.budget}, window {args.window}\n"
+    )
     print(f"{'policy':<13}{'KV bytes':>10}{'reclaimed':>11}{'kept visual':>13}  tokens (= full?)")
     for row in rows:
-        print(f"{row['policy']:<13}{row['kv_bytes_kept']:>10}{100 * row['reclaimed_fraction']:>10.1f}%"
-              f"{row['kept_visual']:>13}  {row['tokens']} {'=' if row['matches_full'] else '!='}")
+        print(
+            f"{row['policy']:<13}{row['kv_bytes_kept']:>10}{100 * row['reclaimed_fraction']:>10.1f}%"
+            f"{row['kept_visual']:>13}  {row['tokens']} {'=' if row['matches_full'] else '!='}"
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 """transformers integration: score the prompt, evict per head, decode greedily from the smaller cache.
 
-The research and accuracy path (DESIGN §4): it runs any HF causal LM or VLM whose decoder attention goes through
+The research and accuracy path (docs/design.md §9): it runs any HF causal LM or VLM whose decoder attention goes through
 transformers' ``AttentionInterface`` (Llama, Qwen2, Qwen2-VL, Qwen2.5-VL, LLaVA, ...) with any registered policy,
 and the cache really shrinks: after the prefill only the kept K/V of each head stay in memory.
 
@@ -111,7 +111,7 @@ def _capture_attention(
 def _layer_scores(query: Tensor, key: Tensor, scale: float, recorder: _Recorder) -> Tensor:
     """psi of one layer for every request, ``[R, H, n]`` float32."""
     rows = []
-    for q, k in zip(query.transpose(1, 2), key.transpose(1, 2)):  # [n, Hq, D], [n, H, D] per request
+    for q, k in zip(query.transpose(1, 2), key.transpose(1, 2), strict=True):  # [n, Hq, D], [n, H, D] per request
         if recorder.source == "accumulated":
             rows.append(accumulated_scores(q, k, scale=scale, gqa=recorder.gqa))
         else:
@@ -151,12 +151,12 @@ def prefill(
         cache=cache,
         logits=out.logits[:, -1].float(),
         scores=scores,
-        visual=visual_mask(model, input_ids),
+        visual=placeholder_mask(model, input_ids),
         prompt_len=input_ids.shape[1],
     )
 
 
-def visual_mask(model: PreTrainedModel, input_ids: Tensor) -> Tensor:
+def placeholder_mask(model: PreTrainedModel, input_ids: Tensor) -> Tensor:
     """``[R, n]`` bool: positions holding the config's image (or video) placeholder id; all False for text LMs."""
     config = model.config
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -449,5 +449,5 @@ __all__ = [
     "generate",
     "prefill",
     "select_tokens",
-    "visual_mask",
+    "placeholder_mask",
 ]

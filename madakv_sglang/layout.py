@@ -1,4 +1,4 @@
-"""Packing layouts (DESIGN §3): where kept (layer, head, position) entries go in the pool, and what it costs.
+"""Packing layouts (docs/design.md §4): where kept (layer, head, position) entries go in the pool, and what it costs.
 
 A pool slot holds all H_r heads of one token in every layer, so per-head subsets cannot free slots directly.
 The kept cells of a request are packed into the cells of its first M slots and its other prompt slots go back
@@ -117,11 +117,3 @@ def pack_plan(keep: Tensor, prompt_slots: Tensor, target_slots: Tensor, rows: in
         indptr=indptr,
         positions=list(pos.split(sizes)),
     )
-
-
-def apply_pack(flat_cells: Tensor, src: Tensor, dst: Tensor) -> None:
-    """Move cells ``src -> dst`` of a flat ``[cells, D]`` view. Gather to a temporary first: sources and
-    destinations overlap (the targets are prompt slots too), so an in-place copy could read a cell that was
-    already overwritten."""
-    moved = flat_cells[src].clone()
-    flat_cells[dst] = moved

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from madakv_sglang.config import POLICY_FIELDS, ConfigError, PolicyConfig, add_policy_arguments, config_from_arguments
+from madakv_sglang.config import ConfigError, PolicyConfig
 from madakv_sglang.layout import packing_waste, slot_count
 from madakv_sglang.policies import PolicyInputs, get_policy
 from madakv_sglang.policies.base import SKIP_REASONS, budget_state
+from madakv_sglang.settings import add_setting_arguments, config_from_arguments, setting_names
 
 
 def synthetic_scores(layers: int, heads: int, prompt: int, visual_frac: float, window: int, seed: int):
@@ -98,7 +99,7 @@ def format_report(report: dict[str, Any]) -> str:
         "layer  cells  kept per head (visual+text)",
     ]
     for row in report["layers"]:
-        heads = "  ".join(f"{v}+{t}" for v, t in zip(row["kept_visual"], row["kept_text"]))
+        heads = "  ".join(f"{v}+{t}" for v, t in zip(row["kept_visual"], row["kept_text"], strict=True))
         lines.append(f"{row['layer']:>5}  {row['total']:>5}  {heads}")
     kept, cells = report["total_kept"], report["budget_cells"]
     lines += [
@@ -118,8 +119,10 @@ def _protected_line(report: dict[str, Any]) -> str:
         return f"not compressed: short prompt (n={report['prompt_len']} < min_prompt {config['min_prompt']})"
     if report["skipped"] == "small saving":
         return f"not compressed: small saving (the budget reclaims less than min_reclaim {config['min_reclaim']})"
-    return (f"every head keeps {report['sinks']} sinks and the last {report['kept_window']} tokens "
-            f"(window {config['window']})")
+    return (
+        f"every head keeps {report['sinks']} sinks and the last {report['kept_window']} tokens "
+        f"(window {config['window']})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scores", help='.pt file with {"scores": [L, H, n], "visual": [n]} instead')
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (for the slot count)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    add_policy_arguments(parser, fields=tuple(f for f in POLICY_FIELDS if f != "seed"))
+    # --seed above is also the random policy's seed option, so it is not added twice.
+    add_setting_arguments(parser, names=tuple(name for name in setting_names() if name != "seed"))
     return parser
 
 
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_arguments(args).replace(seed=args.seed)
+        cfg = config_from_arguments(args)  # reads --seed as the random policy's seed
         if args.scores:
             data = torch.load(args.scores, map_location="cpu")
             scores, visual = data["scores"].float(), data["visual"].bool()
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"--{name} must be >= 1")
             if not 0.0 <= args.visual_frac <= 1.0:
                 raise ConfigError("--visual-frac must be in [0, 1]")
-            scores, visual = synthetic_scores(args.layers, args.heads, args.prompt, args.visual_frac, cfg.window, args.seed)
+            scores, visual = synthetic_scores(
+                args.layers, args.heads, args.prompt, args.visual_frac, cfg.window, args.seed
+            )
         report = run_plan(cfg, scores, visual, args.tp)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))

@@ -6,7 +6,7 @@ transformers' video processor fetches paths and URLs with torchcodec, none of wh
 ``load_video`` and the Qwen preprocessor pass ``[T, H, W, 3]`` uint8 arrays straight to the processor.
 
 A fresh process keeps the test process free of SGLang's imports and of the ``MADAKV_KV_*`` environment that
-``engine_kwargs`` sets. Usage: ``python -m tests.engine_video SPEC.json OUT.json``; the spec holds ``model``,
+``use_policy`` sets. Usage: ``python -m tests.engine_video SPEC.json OUT.json``; the spec holds ``model``,
 ``policy`` (PolicyConfig strings), ``text``, ``images`` (paths), ``videos`` (lists of frame paths), ``rid``,
 ``max_new_tokens`` and ``max_total_tokens``.
 """
@@ -29,16 +29,24 @@ def main(spec_path: str, out_path: str) -> None:
     import sglang
     from PIL import Image
 
-    from madakv_sglang.sglang.settings import engine_kwargs
+    from madakv_sglang.engine.environment import use_policy
 
+    use_policy(**spec["policy"])
     videos = [np.stack([np.asarray(Image.open(p).convert("RGB")) for p in frames]) for frames in spec["videos"]]
     engine = sglang.Engine(
-        model_path=spec["model"], device="cpu", disable_overlap_schedule=True, mem_fraction_static=0.3,
-        dtype="float32", max_total_tokens=spec["max_total_tokens"], **engine_kwargs(**spec["policy"]),
+        model_path=spec["model"],
+        device="cpu",
+        disable_overlap_schedule=True,
+        mem_fraction_static=0.3,
+        dtype="float32",
+        max_total_tokens=spec["max_total_tokens"],
     )
     try:
         output = engine.generate(
-            prompt=spec["text"], image_data=spec["images"] or None, video_data=videos or None, rid=spec["rid"],
+            prompt=spec["text"],
+            image_data=spec["images"] or None,
+            video_data=videos or None,
+            rid=spec["rid"],
             sampling_params={"temperature": 0, "max_new_tokens": spec["max_new_tokens"], "ignore_eos": True},
             return_logprob=True,
         )

@@ -27,12 +27,11 @@ import math
 import sys
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
-
 from kvpress import AdaKVPress, SnapKVPress
 from kvpress.presses import snapkv_press
 from kvpress.utils import compute_n_kept
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 MODEL_SEED = 0
 INPUT_SEED = 1

@@ -30,12 +30,85 @@ _QK = re.compile(r"(^|\.)layers\.\d+\.self_attn\.(q|k)_proj\.(weight|bias)$")
 # Test images: (width, height) -> image tokens after the 14-px patches and the 2x2 merge.
 IMAGE_SIZES = {"square": (224, 224), "wide": (336, 168), "small": (112, 56)}  # 64, 72 and 8 tokens
 
-WORDS = (
-    "the a red house green field blue sky white clouds cat sits on table near window sun shines through glass "
-    "three dogs play in park child runs after yellow ball quick brown fox jumps over lazy dog car is black "
-    "parked in front of building store opens from nine to five every day photo was taken at night busy city "
-    "street many lights shops people walking man woman stand bridge river boats below weather warm sunny wind"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "red",
+    "house",
+    "green",
+    "field",
+    "blue",
+    "sky",
+    "white",
+    "clouds",
+    "cat",
+    "sits",
+    "on",
+    "table",
+    "near",
+    "window",
+    "sun",
+    "shines",
+    "through",
+    "glass",
+    "three",
+    "dogs",
+    "play",
+    "in",
+    "park",
+    "child",
+    "runs",
+    "after",
+    "yellow",
+    "ball",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "car",
+    "is",
+    "black",
+    "parked",
+    "in",
+    "front",
+    "of",
+    "building",
+    "store",
+    "opens",
+    "from",
+    "nine",
+    "to",
+    "five",
+    "every",
+    "day",
+    "photo",
+    "was",
+    "taken",
+    "at",
+    "night",
+    "busy",
+    "city",
+    "street",
+    "many",
+    "lights",
+    "shops",
+    "people",
+    "walking",
+    "man",
+    "woman",
+    "stand",
+    "bridge",
+    "river",
+    "boats",
+    "below",
+    "weather",
+    "warm",
+    "sunny",
+    "wind",
+]
 
 
 def write_vl_checkpoint(kind: str, out_dir: Path, seed: int = 0, sharpen: float = ATTENTION_SHARPEN) -> Path:
@@ -61,8 +134,10 @@ def write_vl_checkpoint(kind: str, out_dir: Path, seed: int = 0, sharpen: float 
 
 def write_images(out_dir: Path) -> dict[str, Path]:
     """One PNG per entry of :data:`IMAGE_SIZES`, plus ``square2`` (same size as ``square``, other pixels)."""
-    paths = {name: checkpoints.write_test_image(out_dir / f"{name}.png", size, seed=i)
-             for i, (name, size) in enumerate(IMAGE_SIZES.items())}
+    paths = {
+        name: checkpoints.write_test_image(out_dir / f"{name}.png", size, seed=i)
+        for i, (name, size) in enumerate(IMAGE_SIZES.items())
+    }
     paths["square2"] = checkpoints.write_test_image(out_dir / "square2.png", IMAGE_SIZES["square"], seed=7)
     return paths
 

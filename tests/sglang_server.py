@@ -1,6 +1,6 @@
-"""The engine tests' SGLang server: :class:`madakv_sglang.serving.Server` with the strict checks on.
+"""The engine tests' SGLang server: :class:`madakv_sglang.server_process.Server` with the strict checks on.
 
-One implementation serves the demo and the tests (``madakv_sglang/serving.py``); here it only defaults to
+One implementation serves the demo and the tests (``madakv_sglang/server_process.py``); here it only defaults to
 ``strict=True``, so SGLang checks the pool's accounting after every batch and madakv poisons freed cells, and
 turns the short-prompt floor off (``--kv-min-prompt 0``, as the environment default every ``--kv-*`` flag still
 overrides): the engine tests compress prompts of 40-400 tokens on tiny models to exercise the machinery, which
@@ -11,17 +11,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from madakv_sglang import serving
-from madakv_sglang.serving import CPU_ARGS, CPU_ENV, STRICT_ENV, free_port
-
+from madakv_sglang import server_process
+from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV, free_port
 
 NO_FLOOR_ENV = {"MADAKV_KV_MIN_PROMPT": "0"}
 
 
-class Server(serving.Server):
-    def __init__(self, model: Path | str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 startup_timeout: float = 240.0, strict: bool = True, port: int | None = None,
-                 short_prompt_floor: bool = False) -> None:
+class Server(server_process.Server):
+    def __init__(
+        self,
+        model: Path | str,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 240.0,
+        strict: bool = True,
+        port: int | None = None,
+        short_prompt_floor: bool = False,
+    ) -> None:
         env = {**({} if short_prompt_floor else NO_FLOOR_ENV), **(env or {})}
         super().__init__(model, args, log_path, env=env, startup_timeout=startup_timeout, strict=strict, port=port)
 

@@ -1,4 +1,4 @@
-"""A deliberately simple, loop-by-loop implementation of DESIGN §2, written from the text of the design and
+"""A deliberately simple, loop-by-loop implementation of docs/design.md §2, written from the text of the design and
 sharing no code with the package. Tests compare the vectorized policies against it.
 
 One request at a time; plain Python lists, floats and Fractions. Slow on purpose: nothing here is clever.
@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
+
+
+def _option(cfg: Any, name: str, default: Any) -> Any:
+    """A policy option's value; the defaults are the spec's own (PyramidKV's beta 20, AdaKV's alpha 0.2), written
+    here rather than read from the code under test."""
+    return dict(cfg.options).get(name, default)
 
 
 def _water_fill(weights: list[int], lo: list[int], hi: list[int], total: int) -> list[int]:
     """x_k = clamp(s * w_k, lo_k, hi_k) summing to total (exact), then floors + largest remainders."""
 
     def fill(s: Fraction) -> list[Fraction]:
-        return [min(max(s * w, Fraction(a)), Fraction(b)) for w, a, b in zip(weights, lo, hi)]
+        return [min(max(s * w, Fraction(a)), Fraction(b)) for w, a, b in zip(weights, lo, hi, strict=True)]
 
     points = {Fraction(0)}
-    for w, a, b in zip(weights, lo, hi):
+    for w, a, b in zip(weights, lo, hi, strict=True):
         if w > 0:
             points.add(Fraction(a, w))
             points.add(Fraction(b, w))
     points_sorted = sorted(points)
     s_star = points_sorted[-1]
-    for left, right in zip(points_sorted, points_sorted[1:]):
+    for left, right in pairwise(points_sorted):
         f_left, f_right = sum(fill(left)), sum(fill(right))
         if f_left <= total <= f_right:
             s_star = left if f_right == f_left else left + (total - f_left) * (right - left) / (f_right - f_left)
@@ -106,7 +113,7 @@ def spec_select(
     # Skip rule: a short prompt, or a budget that would reclaim less than min_reclaim of the prompt.
     if n < cfg.min_prompt or Fraction(n - B) < Fraction(str(cfg.min_reclaim)) * n:
         B = n
-    if cfg.policy == "full" or B >= n:
+    if cfg.policy == "full" or n <= B:
         return [[list(range(n)) for _ in range(H)] for _ in range(L)]
 
     # Protected tokens: the kept window shares the budget with the sinks until B covers S + 2W.
@@ -150,7 +157,11 @@ def spec_select(
     if hcc == "off" and policy != "pyramidkv":
         layer_total = [H * B] * L
     elif policy == "pyramidkv":
-        weights = [1] * L if L == 1 else [(L - 1) + (2 * cfg.pyramid_beta - 2) * (L - 1 - l) for l in range(L)]
+        weights = (
+            [1] * L
+            if L == 1
+            else [(L - 1) + (2 * _option(cfg, "pyramid_beta", 20) - 2) * (L - 1 - l) for l in range(L)]
+        )
         layer_total = _water_fill(weights, [H * floor] * L, [H * n] * L, min(L * H * B, L * H * n))
     elif hcc == "global":
         hi = H * n if cap is None else min(H * n, math.floor(cap * H * B))
@@ -172,7 +183,7 @@ def spec_select(
         for h in range(H):
             rank_per_head.append(_pool(scores[l][h][:n], segment, cfg.pool_kernel, pooling))
         if policy == "adakv":
-            guaranteed = min(max(math.floor(cfg.adakv_alpha * B), floor), B)
+            guaranteed = min(max(math.floor(_option(cfg, "adakv_alpha", 0.2) * B), floor), B)
             pool = []
             for h in range(H):
                 ordered = sorted(vis_rest + txt_rest, key=lambda i: (-rank_per_head[h][i], -i))

@@ -14,16 +14,42 @@ from madakv_sglang.checkpoints import write_checkpoint
 def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -> None:
     model = write_checkpoint("qwen2_vl", tmp_path / "model", seed=0)
     out = tmp_path / "out"
-    code = accuracy.main(["--model", str(model), "--policies", "full", "madakv", "h2o", "--budgets", "0.2",
-                          "--samples", "2", "--sentences", "16", "--images", "2", "--path", "both",
-                          # one request at a time: random weights leave near-ties that another batch shape's
-                          # float sums could flip, and this test wants exact agreement
-                          "--concurrency", "1", "--out", str(out)])
+    code = accuracy.main(
+        [
+            "--model",
+            str(model),
+            "--policies",
+            "full",
+            "madakv",
+            "h2o",
+            "--budgets",
+            "0.2",
+            "--samples",
+            "2",
+            "--sentences",
+            "16",
+            "--images",
+            "2",
+            "--path",
+            "both",
+            # one request at a time: random weights leave near-ties that another batch shape's
+            # float sums could flip, and this test wants exact agreement
+            "--concurrency",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     record = json.loads((out / "results.json").read_text())
     cells = record["summary"]["cells"]
     assert {(c["path"], c["policy"]) for c in cells} == {
-        ("hf", "full"), ("hf", "madakv"), ("hf", "h2o"), ("engine", "full"), ("engine", "madakv")}  # h2o: HF only
+        ("hf", "full"),
+        ("hf", "madakv"),
+        ("hf", "h2o"),
+        ("engine", "full"),
+        ("engine", "madakv"),
+    }  # h2o: HF only
     assert all(0.0 <= c["accuracy"] <= 1.0 and c["samples"] == 2 for c in cells)
     madakv = [c for c in cells if c["policy"] == "madakv"]
     full = [c for c in cells if c["policy"] == "full"]

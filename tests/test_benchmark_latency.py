@@ -32,8 +32,25 @@ def test_prompt_that_cannot_hold_the_images_is_refused() -> None:
 
 def test_tiny_run_writes_every_row_with_bytes_from_the_selection(tmp_path: Path) -> None:
     out = tmp_path / "latency.json"
-    latency.main(["--shapes", "tiny", "--contexts", "256", "--policies", "madakv", "snapkv", "--budgets", "0.2",
-                  "--decode-tokens", "3", "--device", "cpu", "--out", str(out)])
+    latency.main(
+        [
+            "--shapes",
+            "tiny",
+            "--contexts",
+            "256",
+            "--policies",
+            "madakv",
+            "snapkv",
+            "--budgets",
+            "0.2",
+            "--decode-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     rows = {(r["policy"], r["budget"]): r for r in record["rows"]}
     assert set(rows) == {("full", 1.0), ("madakv", 0.2), ("snapkv", 0.2)}

@@ -32,13 +32,16 @@ LOG = """\
 """
 
 
-@pytest.mark.parametrize(("text", "policy", "budget", "label"), [
-    ("full", "full", None, "full"),
-    ("madakv:0.1", "madakv", "0.1", "madakv:0.1"),
-    ("snapkv:512", "snapkv", "512", "snapkv:512"),
-    ("madakv", "madakv", "0.2", "madakv:0.2"),  # the server's default budget
-    ("pyramidkv:0.1:per-layer", "pyramidkv", "0.1", "pyramidkv:0.1:per-layer"),
-])
+@pytest.mark.parametrize(
+    ("text", "policy", "budget", "label"),
+    [
+        ("full", "full", None, "full"),
+        ("madakv:0.1", "madakv", "0.1", "madakv:0.1"),
+        ("snapkv:512", "snapkv", "512", "snapkv:512"),
+        ("madakv", "madakv", "0.2", "madakv:0.2"),  # the server's default budget
+        ("pyramidkv:0.1:per-layer", "pyramidkv", "0.1", "pyramidkv:0.1:per-layer"),
+    ],
+)
 def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: str | None, label: str) -> None:
     spec = PolicySpec.parse(text)
     assert (spec.policy, spec.budget, spec.label) == (policy, budget, label)
@@ -46,8 +49,9 @@ def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: st
     assert ("--kv-layout" in spec.server_args()) == label.endswith(":per-layer")
 
 
-@pytest.mark.parametrize("text", ["nope:0.1", "madakv:1.5", "madakv:abc", "full:0.1", "madakv:0.1:paged",
-                                  "full::shared"])
+@pytest.mark.parametrize(
+    "text", ["nope:0.1", "madakv:1.5", "madakv:abc", "full:0.1", "madakv:0.1:paged", "full::shared"]
+)
 def test_policy_spec_refuses_bad_values(text: str) -> None:
     with pytest.raises(ConfigError):
         PolicySpec.parse(text)
@@ -58,12 +62,15 @@ def test_policies_must_include_full() -> None:
         serving.main(["--policies", "madakv:0.1", "--print-gpu-commands"])
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--print-gpu-commands", "--repeats", "2"], "one round"),
-    (["--summarize", "unused", "--repeats", "3"], "one round"),
-    (["--repeats", "0"], "at least 1"),
-    (["--num-prompts", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--print-gpu-commands", "--repeats", "2"], "one round"),
+        (["--summarize", "unused", "--repeats", "3"], "one round"),
+        (["--repeats", "0"], "at least 1"),
+        (["--num-prompts", "0"], "at least 1"),
+    ],
+)
 def test_bad_run_settings_are_refused(args: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         serving.main(args)
@@ -107,21 +114,41 @@ def test_rounds_alternate_their_order() -> None:
     full, madakv = PolicySpec.parse("full"), PolicySpec.parse("madakv:0.1")
     order = serving.measurement_order([full, madakv], [64, 256], repeats=3)
     assert [(r, n, spec.label) for r, n, spec in order] == [
-        (0, 64, "full"), (0, 64, "madakv:0.1"), (0, 256, "full"), (0, 256, "madakv:0.1"),
-        (1, 256, "madakv:0.1"), (1, 256, "full"), (1, 64, "madakv:0.1"), (1, 64, "full"),
-        (2, 64, "full"), (2, 64, "madakv:0.1"), (2, 256, "full"), (2, 256, "madakv:0.1"),
+        (0, 64, "full"),
+        (0, 64, "madakv:0.1"),
+        (0, 256, "full"),
+        (0, 256, "madakv:0.1"),
+        (1, 256, "madakv:0.1"),
+        (1, 256, "full"),
+        (1, 64, "madakv:0.1"),
+        (1, 64, "full"),
+        (2, 64, "full"),
+        (2, 64, "madakv:0.1"),
+        (2, 256, "full"),
+        (2, 256, "madakv:0.1"),
     ]
 
 
 def _run(policy: str, budget: str | None, input_len: int, scale: float, round_index: int = 0) -> dict[str, Any]:
     metrics = {key: 10.0 * scale for key in CLIENT_METRICS} | {key: int(4 * scale) for key in SERVER_METRICS}
-    return {"config": policy if budget is None else f"{policy}:{budget}", "policy": policy, "budget": budget,
-            "input_len": input_len, "round": round_index, "metrics": metrics, "server": {"retracted_requests": 0}}
+    return {
+        "config": policy if budget is None else f"{policy}:{budget}",
+        "policy": policy,
+        "budget": budget,
+        "input_len": input_len,
+        "round": round_index,
+        "metrics": metrics,
+        "server": {"retracted_requests": 0},
+    }
 
 
 def test_ratios_are_against_full_at_the_same_prompt_length() -> None:
-    runs = [_run("full", None, 64, 1.0), _run("madakv", "0.1", 64, 2.0),
-            _run("full", None, 256, 0.5), _run("madakv", "0.1", 256, 3.0)]
+    runs = [
+        _run("full", None, 64, 1.0),
+        _run("madakv", "0.1", 64, 2.0),
+        _run("full", None, 256, 0.5),
+        _run("madakv", "0.1", 256, 3.0),
+    ]
     runs[1]["metrics"]["median_itl_ms"] = None  # a metric SGLang did not give has no ratio
     serving.add_ratios(runs)
     assert runs[0]["ratios"]["request_throughput"] == 1.0
@@ -135,9 +162,14 @@ def test_ratios_are_against_full_at_the_same_prompt_length() -> None:
 
 def test_ratios_are_taken_within_a_round_then_their_median() -> None:
     """Round 1 ran on a machine twice as slow, so its ratio (3x) differs from the ratio of the medians (2x)."""
-    runs = [_run("full", None, 64, 1.0, 0), _run("madakv", "0.1", 64, 2.0, 0),
-            _run("full", None, 64, 0.5, 1), _run("madakv", "0.1", 64, 1.5, 1),
-            _run("full", None, 64, 1.0, 2), _run("madakv", "0.1", 64, 3.0, 2)]
+    runs = [
+        _run("full", None, 64, 1.0, 0),
+        _run("madakv", "0.1", 64, 2.0, 0),
+        _run("full", None, 64, 0.5, 1),
+        _run("madakv", "0.1", 64, 1.5, 1),
+        _run("full", None, 64, 1.0, 2),
+        _run("madakv", "0.1", 64, 3.0, 2),
+    ]
     runs[3]["metrics"]["median_itl_ms"] = None
     serving.add_ratios(runs)
     full, madakv = serving.summarize_rounds(runs)
@@ -173,12 +205,41 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], st
     # The dir name holds "qwen2-vl" like the demo's: SGLang's frontends pick the chat template by path.
     model = checkpoints.write_checkpoint("qwen2_vl", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl", seed=0)
     out = tmp_path_factory.mktemp("serving")
-    command = [sys.executable, "-m", "benchmarks.serving", "--model", str(model), "--policies", "full", "madakv:0.2",
-               "--input-lens", "64", "--num-prompts", "8", "--image-count", "1", "--output-len", "4", "--repeats", "2",
-               "--max-total-tokens", str(POOL), "--out", str(out / "serving.json"), "--log-dir", str(out / "logs")]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.serving",
+        "--model",
+        str(model),
+        "--policies",
+        "full",
+        "madakv:0.2",
+        "--input-lens",
+        "64",
+        "--num-prompts",
+        "8",
+        "--image-count",
+        "1",
+        "--output-len",
+        "4",
+        "--repeats",
+        "2",
+        "--max-total-tokens",
+        str(POOL),
+        "--out",
+        str(out / "serving.json"),
+        "--log-dir",
+        str(out / "logs"),
+    ]
     # ~150-token prompts: the benchmark's servers inherit the test servers' floor-off default (NO_FLOOR_ENV).
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_FLOOR_ENV})
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_FLOOR_ENV},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "serving.json").read_text()), done.stdout, out
 
@@ -188,7 +249,11 @@ def test_report_has_every_metric_for_every_configuration(report: tuple[dict[str,
     assert data["command"].startswith("python -m benchmarks.serving ")
     assert data["setting"]["max_total_tokens"] == POOL
     assert [(run["round"], run["config"]) for run in data["runs"]] == [
-        (0, "full"), (0, "madakv:0.2"), (1, "madakv:0.2"), (1, "full")]  # the second round runs backwards
+        (0, "full"),
+        (0, "madakv:0.2"),
+        (1, "madakv:0.2"),
+        (1, "full"),
+    ]  # the second round runs backwards
     for run in data["runs"]:
         assert run["completed"] == 8 and run["server"]["failed_requests"] == 0
         assert run["total_input_vision_tokens"] > 0  # the images reached the server
@@ -251,8 +316,21 @@ def test_summarize_rebuilds_the_report_from_the_logs(report: tuple[dict[str, Any
         for suffix in (".log", ".jsonl"):
             source = out / "logs" / f"{serving.config_name(spec, 64, 0)}{suffix}"
             (gpu_dir / f"{serving.config_name(spec, 64)}{suffix}").write_bytes(source.read_bytes())
-    serving.main(["--summarize", str(gpu_dir), "--policies", "full", "madakv:0.2", "--input-lens", "64",
-                  "--num-prompts", "8", "--out", str(out / "summary.json")])
+    serving.main(
+        [
+            "--summarize",
+            str(gpu_dir),
+            "--policies",
+            "full",
+            "madakv:0.2",
+            "--input-lens",
+            "64",
+            "--num-prompts",
+            "8",
+            "--out",
+            str(out / "summary.json"),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     first_round = [run for run in data["runs"] if run["round"] == 0]
     assert [run["metrics"] for run in summary["runs"]] == [run["metrics"] for run in first_round]

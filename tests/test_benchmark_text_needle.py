@@ -11,8 +11,9 @@ import pytest
 
 from benchmarks import text_needle
 
-pytestmark = pytest.mark.skipif(not (text_needle.MODEL / "config.json").exists(),
-                                reason="needs `make setup-smollm2` (make test runs it first)")
+pytestmark = pytest.mark.skipif(
+    not (text_needle.MODEL / "config.json").exists(), reason="needs `make setup-smollm2` (make test runs it first)"
+)
 
 
 def test_passkey_prompt_states_its_key_and_primes_the_answer() -> None:
@@ -26,8 +27,24 @@ def test_passkey_prompt_states_its_key_and_primes_the_answer() -> None:
 
 def test_text_needle_benchmark_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert text_needle.main(["--policies", "full", "madakv", "--budgets", "0.2", "--sentences", "30",
-                             "--samples", "2", "--out", str(out)]) == 0
+    assert (
+        text_needle.main(
+            [
+                "--policies",
+                "full",
+                "madakv",
+                "--budgets",
+                "0.2",
+                "--sentences",
+                "30",
+                "--samples",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "results.json").read_text())
     cells = {c["policy"]: c for c in record["summary"]["cells"]}
     assert set(cells) == {"full", "madakv"} and all(c["samples"] == 2 for c in cells.values())

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("transformers")
-
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -82,7 +79,10 @@ def test_config_and_generation_config(kind: str, written: dict[str, Path]) -> No
     assert text["vocab_size"] == tiny_models.VOCAB
     assert text["max_position_embeddings"] == checkpoints.MAX_POSITIONS
     if kind in VL_KINDS:
-        assert (config["image_token_id"], config["video_token_id"]) == (tiny_models.IMAGE_TOKEN, tiny_models.VIDEO_TOKEN)
+        assert (config["image_token_id"], config["video_token_id"]) == (
+            tiny_models.IMAGE_TOKEN,
+            tiny_models.VIDEO_TOKEN,
+        )
         assert (config["vision_start_token_id"], config["vision_end_token_id"]) == (
             tiny_models.VISION_START,
             tiny_models.VISION_END,
@@ -212,7 +212,9 @@ def _hf_greedy(path: Path, image: Path) -> tuple[list[int], list[float], int]:
     )
     prompt_len = inputs["input_ids"].shape[1]
     ids = out.sequences[0, prompt_len:].tolist()
-    logprobs = [float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(out.scores, ids)]
+    logprobs = [
+        float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(out.scores, ids, strict=True)
+    ]
     return ids, logprobs, prompt_len
 
 

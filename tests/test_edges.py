@@ -28,9 +28,9 @@ import requests
 
 from madakv_sglang import checkpoints
 from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.serving import CPU_ARGS, CPU_ENV, STRICT_ENV
-from madakv_sglang.sglang.plugin import _after_validate_one_request
-from madakv_sglang.sglang.requests import EMPTY_PROMPT, check_generate_input
+from madakv_sglang.engine.plugin import _after_validate_one_request
+from madakv_sglang.engine.requests import EMPTY_PROMPT, check_generate_input
+from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV
 from tests.sglang_server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +106,13 @@ def _payloads(custom: dict[str, Any] | None = None, text: str = PROMPT, stream: 
     return {
         "/generate": {"text": text, "sampling_params": sampling, "stream": stream},
         "/v1/completions": {"model": "tiny", "prompt": text, "max_tokens": 4, "stream": stream, **extra},
-        "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 4,
-                                 "stream": stream, **extra},
+        "/v1/chat/completions": {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 4,
+            "stream": stream,
+            **extra,
+        },
     }
 
 
@@ -166,12 +171,14 @@ def test_empty_prompts_are_a_400_and_the_server_lives(madakv: Server) -> None:
         "streamed": {"text": "", "sampling_params": GREEDY, "stream": True},
         "batch item": {"text": [PROMPT, ""], "sampling_params": GREEDY},
     }
-    for name, payload in cases.items():
+    for payload in cases.values():
         _refused(_post(madakv, "/generate", payload), EMPTY)
         _served(madakv)
     for stream in (False, True):  # SGLang's own check of the OpenAI request comes first here
-        _refused(_post(madakv, "/v1/completions", {"model": "tiny", "prompt": "", "max_tokens": 4, "stream": stream}),
-                 "Prompt cannot be empty")
+        _refused(
+            _post(madakv, "/v1/completions", {"model": "tiny", "prompt": "", "max_tokens": 4, "stream": stream}),
+            "Prompt cannot be empty",
+        )
     _served(madakv)
     assert "Scheduler hit an exception" not in madakv.log()
 
@@ -183,8 +190,9 @@ def test_the_tokenizer_hook_refuses_what_tokenized_to_nothing(monkeypatch: pytes
     manager = SimpleNamespace(context_len=CONTEXT_LEN)
 
     def request(**fields: Any) -> SimpleNamespace:
-        return SimpleNamespace(**{"session_id": None, "session_params": None, "input_embeds": None,
-                                  "sampling_params": {}, **fields})
+        return SimpleNamespace(
+            **{"session_id": None, "session_params": None, "input_embeds": None, "sampling_params": {}, **fields}
+        )
 
     _after_validate_one_request(None, manager, request(), [])  # a full server runs stock SGLang
     monkeypatch.setenv("MADAKV_KV_POLICY", "madakv")
@@ -192,8 +200,9 @@ def test_the_tokenizer_hook_refuses_what_tokenized_to_nothing(monkeypatch: pytes
         _after_validate_one_request(None, manager, request(), [])
     _after_validate_one_request(None, manager, request(input_embeds=[[0.0]]), [])  # embeddings carry no ids
     with pytest.raises(ConfigError, match="above the model's context length \\(4096 tokens\\)"):
-        _after_validate_one_request(None, manager, request(sampling_params={"custom_params": {"kv_budget": 4097}}),
-                                    [1, 2])
+        _after_validate_one_request(
+            None, manager, request(sampling_params={"custom_params": {"kv_budget": 4097}}), [1, 2]
+        )
     _after_validate_one_request(None, manager, request(sampling_params={"custom_params": {"kv_budget": 4096}}), [1])
 
 
@@ -205,8 +214,11 @@ def test_check_generate_input_leaves_images_to_the_tokenizer() -> None:
     with pytest.raises(ValueError, match=re.escape(EMPTY_PROMPT)):
         check_generate_input(SimpleNamespace(input_ids=[[1], []]), madakv, CONTEXT_LEN)
     with pytest.raises(ConfigError, match="custom_params.kv_budget: "):  # the second item's own parameters
-        check_generate_input(SimpleNamespace(text=["a", "b"], sampling_params=[{}, {"custom_params": {"kv_budget": 0}}]),
-                             madakv, CONTEXT_LEN)
+        check_generate_input(
+            SimpleNamespace(text=["a", "b"], sampling_params=[{}, {"custom_params": {"kv_budget": 0}}]),
+            madakv,
+            CONTEXT_LEN,
+        )
 
 
 # ---- 4. SGLang's load generator ----
@@ -216,11 +228,42 @@ def test_sglang_benchmark_serving_runs_as_documented(madakv: Server, model: Path
     result = tmp_path / "result.jsonl"
     env = {**_env(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--host", "127.0.0.1",
-         "--port", str(madakv.port), "--model", str(model), "--tokenizer", str(model), "--dataset-name", "random-ids",
-         "--num-prompts", "2", "--random-input-len", "32", "--random-output-len", "4", "--random-range-ratio", "1.0",
-         "--request-rate", "inf", "--seed", "1", "--output-file", str(result), "--disable-tqdm"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sglang.benchmark.serving",
+            "--backend",
+            "sglang",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(madakv.port),
+            "--model",
+            str(model),
+            "--tokenizer",
+            str(model),
+            "--dataset-name",
+            "random-ids",
+            "--num-prompts",
+            "2",
+            "--random-input-len",
+            "32",
+            "--random-output-len",
+            "4",
+            "--random-range-ratio",
+            "1.0",
+            "--request-rate",
+            "inf",
+            "--seed",
+            "1",
+            "--output-file",
+            str(result),
+            "--disable-tqdm",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,  # the client's imports (~20 s) plus 2 tiny requests, on a loaded 2-core machine
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -81,8 +81,13 @@ def dump_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def madakv(model_dir: Path, dump_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "madakv.log"
-    with Server(model_dir, [*BASE_ARGS, "--kv-policy", "madakv", "--enable-metrics"], log,
-                env={"MADAKV_DEBUG_DUMP_DIR": str(dump_dir)}, short_prompt_floor=True) as server:
+    with Server(
+        model_dir,
+        [*BASE_ARGS, "--kv-policy", "madakv", "--enable-metrics"],
+        log,
+        env={"MADAKV_DEBUG_DUMP_DIR": str(dump_dir)},
+        short_prompt_floor=True,
+    ) as server:
         yield server
 
 
@@ -90,8 +95,9 @@ def _generate(server: Server, ids: list[int], rid: str, custom: dict[str, Any] |
     sampling: dict[str, Any] = {"temperature": 0, "max_new_tokens": MAX_NEW}
     if custom:
         sampling["custom_params"] = custom
-    return dict(server.post("/generate", {"input_ids": ids, "rid": rid, "sampling_params": sampling,
-                                          "return_logprob": True}))
+    return dict(
+        server.post("/generate", {"input_ids": ids, "rid": rid, "sampling_params": sampling, "return_logprob": True})
+    )
 
 
 def _logprobs(output: dict[str, Any]) -> list[float]:
@@ -103,16 +109,25 @@ def stock_answer(stock: Server, prompt: list[int]) -> dict[str, Any]:
     return _generate(stock, prompt, "stock")
 
 
-def test_full_budget_override_answers_like_stock(madakv: Server, stock_answer: dict[str, Any],
-                                                 prompt: list[int]) -> None:
+def test_full_budget_override_answers_like_stock(
+    madakv: Server, stock_answer: dict[str, Any], prompt: list[int]
+) -> None:
     got = _generate(madakv, prompt, "full-budget", custom={"kv_budget": "1.0"})
     assert got["output_ids"] == stock_answer["output_ids"]
     # Same kernels on both sides for the prompt; decode runs the base backend too when nothing was evicted.
     assert _logprobs(got) == pytest.approx(_logprobs(stock_answer), abs=1e-4)
     assert "full-budget" not in reclaim_lines(madakv.log())
-    assert got["meta_info"]["madakv"] == [{"prompt_slots": len(prompt), "kept_slots": len(prompt),
-                                            "reclaimed_slots": 0, "packing_waste_cells": 0, "compress_ms": 0.0,
-                                            "layout": "shared", "skipped": "small saving"}]
+    assert got["meta_info"]["madakv"] == [
+        {
+            "prompt_slots": len(prompt),
+            "kept_slots": len(prompt),
+            "reclaimed_slots": 0,
+            "packing_waste_cells": 0,
+            "compress_ms": 0.0,
+            "layout": "shared",
+            "skipped": "small saving",
+        }
+    ]
 
 
 def test_budget_02_reclaims_and_answers(madakv: Server, stock_answer: dict[str, Any], prompt: list[int]) -> None:
@@ -123,8 +138,10 @@ def test_budget_02_reclaims_and_answers(madakv: Server, stock_answer: dict[str, 
     assert prompt_slots == len(prompt)
     assert kept_slots < 0.3 * prompt_slots, (prompt_slots, kept_slots)
     # Not asserted (a 135M model at 20% of its cache may rephrase): shown with `pytest -s` for the record.
-    print(f"\nSmolLM2 n={prompt_slots} -> M={kept_slots}\n  full: {stock_answer['text']!r}\n  0.2:  {got['text']!r}"
-          f"\n  same tokens: {got['output_ids'] == stock_answer['output_ids']}")
+    print(
+        f"\nSmolLM2 n={prompt_slots} -> M={kept_slots}\n  full: {stock_answer['text']!r}\n  0.2:  {got['text']!r}"
+        f"\n  same tokens: {got['output_ids'] == stock_answer['output_ids']}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +168,17 @@ def test_short_chats_are_answered_exactly_as_stock(madakv: Server, stock: Server
     assert "prompt slots" in log and "kept whole (short prompt: " in log
     assert not any(rid.startswith("short-") for rid in reclaim_lines(log)), "a short chat was compressed"
     metrics = madakv.get("/metrics")
-    skipped = [line for line in metrics.splitlines()
-               if line.startswith("madakv_skipped_requests_total") and 'reason="short prompt"' in line]
+    skipped = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("madakv_skipped_requests_total") and 'reason="short prompt"' in line
+    ]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in skipped) >= 3 * len(QUESTIONS), skipped
 
 
-def test_hf_path_keeps_the_cells_the_engine_kept(madakv: Server, model_dir: Path, tokenizer: Any,
-                                                 dump_dir: Path) -> None:
+def test_hf_path_keeps_the_cells_the_engine_kept(
+    madakv: Server, model_dir: Path, tokenizer: Any, dump_dir: Path
+) -> None:
     """Above the floor (4 context paragraphs, ~600 tokens) at the defaults: budget 0.2, 4 sinks, window 32."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -175,5 +196,5 @@ def test_hf_path_keeps_the_cells_the_engine_kept(madakv: Server, model_dir: Path
         inputs = {"input_ids": torch.tensor([ids])}
         selection = hf.select_tokens(hf.prefill(model, inputs, config), config)
         keep = selection.keep[0]
-        assert keep[..., :config.sink].all(), "every head keeps the sinks"
+        assert keep[..., : config.sink].all(), "every head keeps the sinks"
         assert torch.equal(keep, engine["keep"]), (rid, int((keep != engine["keep"]).sum()))

@@ -4,7 +4,6 @@ chunked prefill, aborts and retractions, and the concurrency gain on a fixed poo
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import re
@@ -43,8 +42,9 @@ def _prompts(lengths: tuple[int, ...], seed: int) -> list[list[int]]:
     return [torch.randint(1, tiny_models.IMAGE_TOKEN, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _generate(server: Server, ids: list[int], max_new: int = MAX_NEW, custom: dict[str, Any] | None = None,
-              rid: str | None = None) -> dict[str, Any]:
+def _generate(
+    server: Server, ids: list[int], max_new: int = MAX_NEW, custom: dict[str, Any] | None = None, rid: str | None = None
+) -> dict[str, Any]:
     sampling: dict[str, Any] = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
     if custom:
         sampling["custom_params"] = custom
@@ -96,8 +96,9 @@ def test_budget_covering_the_prompt_gives_stock_tokens(stock: Server, madakv: Se
         assert _finite_logprobs(got)
 
 
-def test_triton_decode_kernel_in_the_engine_decodes_like_the_torch_reference(checkpoint: Path, madakv: Server,
-                                                                            tmp_path: Path) -> None:
+def test_triton_decode_kernel_in_the_engine_decodes_like_the_torch_reference(
+    checkpoint: Path, madakv: Server, tmp_path: Path
+) -> None:
     """The Triton head-wise decode inside a real server (``MADAKV_DECODE_KERNEL=triton``), run by the Triton
     interpreter on CPU: the backend's index tables, packed cells and the kernel together give the reference
     backend's tokens and logprobs (float32 both ways: equal up to summation order, measured 0)."""
@@ -107,25 +108,30 @@ def test_triton_decode_kernel_in_the_engine_decodes_like_the_torch_reference(che
         for ids in _prompts(LENGTHS[:3], seed=4):  # 197 tokens: chunked prefill, then packed decode
             want, got = _generate(madakv, ids), _generate(triton, ids)
             assert got["output_ids"] == want["output_ids"]
-            pairs = zip(want["meta_info"]["output_token_logprobs"], got["meta_info"]["output_token_logprobs"], strict=True)
+            pairs = zip(
+                want["meta_info"]["output_token_logprobs"], got["meta_info"]["output_token_logprobs"], strict=True
+            )
             assert max(abs(a[0] - b[0]) for a, b in pairs) <= 1e-5  # float32 reordering across the KV splits
 
 
-def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(checkpoint: Path, madakv: Server, dump_dir: Path) -> None:
+def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(
+    checkpoint: Path, madakv: Server, dump_dir: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from madakv_sglang import hf
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    config = PolicyConfig.from_strings({"policy": "madakv", "budget": "0.2", "window": str(WINDOW),
-                                        "min_prompt": "0"})
+    config = PolicyConfig.from_strings({"policy": "madakv", "budget": "0.2", "window": str(WINDOW), "min_prompt": "0"})
     log_before = set(_reclaim_lines(madakv.log()))
     for index, ids in enumerate(_prompts(LENGTHS, seed=2)):
         rid = f"hf-agree-{index}"
         got = _generate(madakv, ids, rid=rid)
         want = hf.generate(model, {"input_ids": torch.tensor([ids])}, config, MAX_NEW)
         record = torch.load(dump_dir / f"{rid}.pt")
-        assert torch.equal(record["keep"], want.selection.keep[0, :, :, : len(ids)]), f"kept sets differ for n={len(ids)}"
+        assert torch.equal(record["keep"], want.selection.keep[0, :, :, : len(ids)]), (
+            f"kept sets differ for n={len(ids)}"
+        )
         assert got["output_ids"] == want.tokens
         assert _finite_logprobs(got)
     assert log_before != set(_reclaim_lines(madakv.log()))
@@ -138,9 +144,25 @@ def test_request_holds_exactly_the_slots_plan_reports(madakv: Server, dump_dir: 
     scores = tmp_path / "scores.pt"
     torch.save({"scores": record["scores"], "visual": record["visual"]}, scores)
     plan = subprocess.run(
-        [sys.executable, "-m", "madakv_sglang.plan", "--scores", str(scores), "--policy", "madakv",
-         "--budget", "0.2", "--window", str(WINDOW), "--min-prompt", "0", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "madakv_sglang.plan",
+            "--scores",
+            str(scores),
+            "--policy",
+            "madakv",
+            "--budget",
+            "0.2",
+            "--window",
+            str(WINDOW),
+            "--min-prompt",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(plan.stdout)
     prompt_slots, kept_slots = _reclaim_lines(madakv.log())["plan-check"]
@@ -166,8 +188,9 @@ def per_layer(checkpoint: Path, per_layer_dumps: Path, tmp_path_factory: pytest.
         yield server
 
 
-def test_layouts_move_cells_but_never_change_the_choice_or_the_output(madakv: Server, dump_dir: Path,
-                                                                      per_layer: Server, per_layer_dumps: Path) -> None:
+def test_layouts_move_cells_but_never_change_the_choice_or_the_output(
+    madakv: Server, dump_dir: Path, per_layer: Server, per_layer_dumps: Path
+) -> None:
     """The same prompts on a ``shared`` and a ``per-layer`` server: the same kept sets, bit-identical logprobs (the
     decode gathers the same values in the same order, only from other cells), and each holds the slots its own
     formula gives for those kept sets: the mean over layers, or the fullest layer."""
@@ -181,8 +204,10 @@ def test_layouts_move_cells_but_never_change_the_choice_or_the_output(madakv: Se
         assert torch.equal(torch.load(per_layer_dumps / f"{rid}.pt")["keep"], keep)
         layers, heads, _ = keep.shape
         counts = keep.sum(dim=-1)
-        want = {"shared": math.ceil(int(counts.sum()) / (layers * heads)),
-                "per-layer": math.ceil(int(counts.sum(dim=-1).max()) / heads)}
+        want = {
+            "shared": math.ceil(int(counts.sum()) / (layers * heads)),
+            "per-layer": math.ceil(int(counts.sum(dim=-1).max()) / heads),
+        }
         for layout, output in (("shared", shared), ("per-layer", separate)):
             (summary,) = output["meta_info"]["madakv"]
             assert summary["layout"] == layout
@@ -226,8 +251,16 @@ def crowded(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The same policy on a small pool, admitting optimistically, with SGLang's own test switch that retracts
     decoding requests every few forwards on top of the retractions the pool forces."""
     log = tmp_path_factory.mktemp("logs") / "crowded.log"
-    args = ["--skip-tokenizer-init", "--max-total-tokens", "900", "--chunked-prefill-size", str(CHUNK),
-            "--schedule-conservativeness", "0.05", *MADAKV_ARGS]
+    args = [
+        "--skip-tokenizer-init",
+        "--max-total-tokens",
+        "900",
+        "--chunked-prefill-size",
+        str(CHUNK),
+        "--schedule-conservativeness",
+        "0.05",
+        *MADAKV_ARGS,
+    ]
     env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "20"}
     with Server(checkpoint, args, log, env=env) as server:
         yield server
@@ -270,7 +303,9 @@ def test_abort_mid_prefill_and_mid_decode_leaves_the_pool_balanced(crowded: Serv
     (long_prompt,) = _prompts((700,), seed=11)
     result: dict[str, Any] = {}
     chunks_before = crowded.log().count("Prefill batch")
-    thread = threading.Thread(target=lambda: result.update(_generate(crowded, long_prompt, max_new=4, rid="abort-prefill")))
+    thread = threading.Thread(
+        target=lambda: result.update(_generate(crowded, long_prompt, max_new=4, rid="abort-prefill"))
+    )
     thread.start()
     deadline = time.monotonic() + 60
     while crowded.log().count("Prefill batch") == chunks_before and time.monotonic() < deadline:
@@ -291,7 +326,8 @@ def test_abort_mid_prefill_and_mid_decode_leaves_the_pool_balanced(crowded: Serv
     crowded.post("/abort_request", {"rid": "abort-decode"})
     thread.join(timeout=120)
     assert result["meta_info"]["finish_reason"]["type"] == "abort"
-    assert 0 < len(result.get("output_ids", [])) < 400 or result["meta_info"]["completion_tokens"] < 400
+    # The first token comes with the prefill batch, so an abort after the compression line is mid-decode.
+    assert 0 < result["meta_info"]["completion_tokens"] < 400, "the abort did not land mid-decode"
     time.sleep(2)
     assert crowded.process.poll() is None, crowded.log()[-3000:]
     assert "Leak" not in crowded.log()
@@ -321,8 +357,15 @@ def test_compression_admits_more_concurrent_requests(checkpoint: Path, tmp_path:
     several times more requests at once; the bound 0.8 (n + out) / (M + out) leaves 20% for the transient
     prefill footprint (a prompt needs all n slots until its forward ends) and the decode reservation."""
     prompts = _prompts((LONG_PROMPT,) * 48, seed=7)
-    args = ["--skip-tokenizer-init", "--max-total-tokens", str(POOL), "--decode-log-interval", "1",
-            "--max-running-requests", "256"]
+    args = [
+        "--skip-tokenizer-init",
+        "--max-total-tokens",
+        str(POOL),
+        "--decode-log-interval",
+        "1",
+        "--max-running-requests",
+        "256",
+    ]
     peaks = {}
     for name, extra in {
         "full": ["--attention-backend", "torch_native"],

@@ -12,6 +12,7 @@ Bit-identical engines across TP sizes are not expected (row-parallel sums reorde
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -29,7 +30,7 @@ from madakv_sglang import tiny_models
 from madakv_sglang.checkpoints import write_checkpoint, write_test_image
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
-from madakv_sglang.sglang.compress import Finishing, Geometry, decide
+from madakv_sglang.packing import Finishing, Geometry, decide
 from tests.sglang_server import CPU_ARGS, CPU_ENV, Server, free_port
 
 WINDOW = 8
@@ -72,8 +73,12 @@ def _generate_all(server: Server, tag: str) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
 
     def run(index: int, ids: list[int]) -> None:
-        payload = {"input_ids": ids, "rid": f"{tag}{index}", "return_logprob": True,
-                   "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}
+        payload = {
+            "input_ids": ids,
+            "rid": f"{tag}{index}",
+            "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+        }
         results[f"{tag}{index}"] = dict(server.post("/generate", payload))
 
     threads = [threading.Thread(target=run, args=(i, ids)) for i, ids in enumerate(_prompts())]
@@ -120,8 +125,9 @@ def _compare_with_tp1(tp: int, tp1: Server, tpn: Server, root: Path) -> dict[str
     for rid, single in ones.items():
         multi = many[rid]
         assert multi["output_ids"] == single["output_ids"], f"{rid}: TP={tp} generated other tokens than TP=1"
-        for (a, *_), (b, *_) in zip(single["meta_info"]["output_token_logprobs"],
-                                    multi["meta_info"]["output_token_logprobs"], strict=True):
+        for (a, *_), (b, *_) in zip(
+            single["meta_info"]["output_token_logprobs"], multi["meta_info"]["output_token_logprobs"], strict=True
+        ):
             worst = max(worst, abs(a - b))
         keep_n = _check_ranks_against_one_rank_policy(root / f"dump_tp{tp}", tpn.log(), rid, tp)
         keep_1 = torch.load(root / "dump_tp1" / f"{rid}.pt")["keep"]
@@ -155,18 +161,18 @@ def test_tp2_waves_with_an_abort_keep_every_rank_balanced(servers: Any) -> None:
         abort = threading.Timer(0.3, lambda: tp2.post("/abort_request", {"rid": "b2"})) if wave else None
         if abort:
             abort.start()
-        try:
+        with contextlib.suppress(Exception):  # the aborted request may end with an HTTP error
             _generate_all(tp2, "b")
-        except Exception:  # the aborted request may end with an HTTP error
-            pass
         if abort:
             abort.join()
     time.sleep(3)  # idle: SGLang's strict idle check raises on a leaked slot
     log = tp2.log()
     assert tp2.process.poll() is None, log[-3000:]
     assert "Leak" not in log and "double free" not in log
-    totals = {rank: int(total) for rank, total in
-              re.findall(r"TP(\d+)\] madakv: reclaimed \d+ slots in this batch \((\d+) since start\)", log)}
+    totals = {
+        rank: int(total)
+        for rank, total in re.findall(r"TP(\d+)\] madakv: reclaimed \d+ slots in this batch \((\d+) since start\)", log)
+    }
     assert len(totals) == 2 and len(set(totals.values())) == 1, totals
     assert tp2.get("/health_generate", timeout=60) is not None
 
@@ -188,10 +194,21 @@ def test_tp2_image_chat_keeps_what_tp1_keeps(tmp_path: Path) -> None:
     write_checkpoint("qwen2_vl", model, seed=0)
     write_test_image(image)
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    chat = {"model": "m", "temperature": 0, "max_tokens": 8, "rid": "chat",
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "describe the red square and the blue circle please"},
-                {"type": "image_url", "image_url": {"url": url}}]}]}
+    chat = {
+        "model": "m",
+        "temperature": 0,
+        "max_tokens": 8,
+        "rid": "chat",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "describe the red square and the blue circle please"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+    }
     answers = {}
     for tp in (1, 2):
         with _serve(model, tp, tmp_path, ["--max-total-tokens", "8192", *MADAKV_ARGS]) as server:
@@ -210,10 +227,31 @@ def test_nodes_started_with_different_budgets_refuse_to_start(checkpoint: Path, 
     dist_port = free_port()
     nodes = []
     for rank, budget in enumerate(["0.2", "0.3"]):
-        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(checkpoint), *CPU_ARGS,
-                   "--port", str(free_port()), "--skip-tokenizer-init", "--max-total-tokens", "2048", "--tp", "2",
-                   "--nnodes", "2", "--node-rank", str(rank), "--dist-init-addr", f"127.0.0.1:{dist_port}",
-                   "--kv-policy", "madakv", "--kv-budget", budget]
+        command = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(checkpoint),
+            *CPU_ARGS,
+            "--port",
+            str(free_port()),
+            "--skip-tokenizer-init",
+            "--max-total-tokens",
+            "2048",
+            "--tp",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--dist-init-addr",
+            f"127.0.0.1:{dist_port}",
+            "--kv-policy",
+            "madakv",
+            "--kv-budget",
+            budget,
+        ]
         env = {**os.environ, **CPU_ENV, "SGLANG_CPU_OMP_THREADS_BIND": str(rank)}
         log = (tmp_path / f"node{rank}.log").open("w")
         nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))

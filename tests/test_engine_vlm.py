@@ -96,8 +96,16 @@ def madakv(models: dict[str, Path], dump_dir: Path, tmp_path_factory: pytest.Tem
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _generate(server: Server, text: str, image_paths: list[Path], *, rid: str | None = None, max_new: int = MAX_NEW,
-              custom: dict[str, Any] | None = None, prompt_logprobs: bool = False) -> dict[str, Any]:
+def _generate(
+    server: Server,
+    text: str,
+    image_paths: list[Path],
+    *,
+    rid: str | None = None,
+    max_new: int = MAX_NEW,
+    custom: dict[str, Any] | None = None,
+    prompt_logprobs: bool = False,
+) -> dict[str, Any]:
     sampling: dict[str, Any] = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
     if custom:
         sampling["custom_params"] = custom
@@ -130,8 +138,15 @@ def _check_same_prompt(output: dict[str, Any], inputs: dict[str, torch.Tensor]) 
 
 def _three_images(images: dict[str, Path]) -> Chat:
     return Chat(
-        ["Look at the first picture.", None, "Now this wide one.", None, "The last one is small.", None,
-         "What do the three pictures share?"],
+        [
+            "Look at the first picture.",
+            None,
+            "Now this wide one.",
+            None,
+            "The last one is small.",
+            None,
+            "What do the three pictures share?",
+        ],
         [images["square"], images["wide"], images["small"]],
     )
 
@@ -145,8 +160,9 @@ def _one_image(images: dict[str, Path]) -> Chat:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_visual_mask_is_the_image_pad_positions(madakv: Server, processors: dict[str, Any],
-                                               images: dict[str, Path], dump_dir: Path) -> None:
+def test_visual_mask_is_the_image_pad_positions(
+    madakv: Server, processors: dict[str, Any], images: dict[str, Path], dump_dir: Path
+) -> None:
     """Three images of three sizes (64, 72 and 8 tokens) around text: SGLang's item offsets, read by the
     backend, mark exactly the processor's <|image_pad|> positions."""
     processor = processors["qwen2_vl"]
@@ -162,15 +178,19 @@ def test_visual_mask_is_the_image_pad_positions(madakv: Server, processors: dict
     assert _finite_logprobs(output)
 
 
-def test_video_frames_are_visual(models: dict[str, Path], processors: dict[str, Any], images: dict[str, Path],
-                                 tmp_path: Path) -> None:
+def test_video_frames_are_visual(
+    models: dict[str, Path], processors: dict[str, Any], images: dict[str, Path], tmp_path: Path
+) -> None:
     """A video (4 frames) and an image in one prompt, through ``sglang.Engine`` (HTTP cannot carry video on this
     CPU install: see ``tests/engine_video.py``): the mask covers the <|video_pad|> and <|image_pad|> positions."""
     from madakv_sglang import checkpoints
 
     frames = [checkpoints.write_test_image(tmp_path / f"frame{i}.png", (224, 224), seed=20 + i) for i in range(4)]
-    chat = Chat(["<video>", "What happens in this video? And in this picture:", None, "Answer briefly."],
-                images=[images["wide"]], videos=[frames])
+    chat = Chat(
+        ["<video>", "What happens in this video? And in this picture:", None, "Answer briefly."],
+        images=[images["wide"]],
+        videos=[frames],
+    )
     processor = processors["qwen2_vl"]
     inputs = hf_inputs(processor, chat)
     assert inputs["video_grid_thw"].tolist() == [[2, 16, 16]]  # 4 frames / temporal patch 2 -> 2 x 64 tokens
@@ -179,15 +199,22 @@ def test_video_frames_are_visual(models: dict[str, Path], processors: dict[str, 
     spec = {
         "model": str(models["qwen2_vl"]),
         "policy": {"policy": "madakv", "budget": BUDGET, "window": str(WINDOW), "min_prompt": "0"},
-        "text": render(processor, chat), "images": [str(images["wide"])], "videos": [[str(f) for f in frames]],
-        "rid": "video-1", "max_new_tokens": 4, "max_total_tokens": 4096,
+        "text": render(processor, chat),
+        "images": [str(images["wide"])],
+        "videos": [[str(f) for f in frames]],
+        "rid": "video-1",
+        "max_new_tokens": 4,
+        "max_total_tokens": 4096,
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     log = tmp_path / "engine.log"
     with open(log, "w") as handle:
         done = subprocess.run(
             [sys.executable, "-m", "tests.engine_video", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
-            cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=300,
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=300,
             env={**os.environ, "MADAKV_DEBUG_DUMP_DIR": str(dump)},
         )
     assert done.returncode == 0, log.read_text()[-4000:]
@@ -226,8 +253,12 @@ def _nonwindow_visual_shares(record: dict[str, Any]) -> tuple[float, torch.Tenso
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
 def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(
-    kind: str, request: pytest.FixtureRequest, models: dict[str, Path], processors: dict[str, Any],
-    images: dict[str, Path], dump_dir: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+    models: dict[str, Path],
+    processors: dict[str, Any],
+    images: dict[str, Path],
+    dump_dir: Path,
 ) -> None:
     from transformers import AutoModelForImageTextToText
 
@@ -235,8 +266,7 @@ def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(
 
     server: Server = request.getfixturevalue("madakv" if kind == "qwen2_vl" else "madakv_25")
     model = AutoModelForImageTextToText.from_pretrained(models[kind], dtype=torch.float32).eval()
-    config = PolicyConfig.from_strings({"policy": "madakv", "budget": BUDGET, "window": str(WINDOW),
-                                        "min_prompt": "0"})
+    config = PolicyConfig.from_strings({"policy": "madakv", "budget": BUDGET, "window": str(WINDOW), "min_prompt": "0"})
     processor = processors[kind]
     spread = []
     for name, chat in {"1img": _one_image(images), "3img": _three_images(images)}.items():
@@ -283,8 +313,9 @@ def stock(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
         yield server
 
 
-def test_budget_covering_the_prompt_gives_stock_tokens(madakv: Server, stock: Server, processors: dict[str, Any],
-                                                      images: dict[str, Path]) -> None:
+def test_budget_covering_the_prompt_gives_stock_tokens(
+    madakv: Server, stock: Server, processors: dict[str, Any], images: dict[str, Path]
+) -> None:
     processor = processors["qwen2_vl"]
     for index, chat in enumerate((_one_image(images), _three_images(images))):
         text = render(processor, chat)
@@ -309,22 +340,45 @@ def test_openai_chat_streaming_and_frontend_program(madakv: Server, images: dict
     import sglang as sgl
 
     question = "Describe this image in one sentence. " + words(30, seed=9)
-    messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _data_url(images["square"])}},
-        {"type": "text", "text": question},
-    ]}]
-    chat = madakv.post("/v1/chat/completions", {
-        "model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 12, "logprobs": True, "rid": "oai-chat",
-    })
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _data_url(images["square"])}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    chat = madakv.post(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": 12,
+            "logprobs": True,
+            "rid": "oai-chat",
+        },
+    )
     assert chat["id"] == "oai-chat"
     choice = chat["choices"][0]
     assert choice["message"]["content"] and choice["finish_reason"] in ("stop", "length")
     assert all(math.isfinite(entry["logprob"]) for entry in choice["logprobs"]["content"])
     assert chat["usage"]["prompt_tokens"] > 64  # the image reached the prompt
 
-    events = list(madakv.stream("/v1/chat/completions", {
-        "model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 12, "stream": True, "rid": "oai-stream",
-    }))
+    events = list(
+        madakv.stream(
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": messages,
+                "temperature": 0,
+                "max_tokens": 12,
+                "stream": True,
+                "rid": "oai-stream",
+            },
+        )
+    )
     choices = [e["choices"][0] for e in events if e.get("choices")]
     content = "".join(c["delta"].get("content") or "" for c in choices)
     assert len(choices) > 2 and content
@@ -410,9 +464,9 @@ def crowded(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         yield server
 
 
-def test_mixed_waves_with_retractions_do_not_change_outputs(crowded: Server, madakv: Server,
-                                                           processors: dict[str, Any],
-                                                           images: dict[str, Path]) -> None:
+def test_mixed_waves_with_retractions_do_not_change_outputs(
+    crowded: Server, madakv: Server, processors: dict[str, Any], images: dict[str, Path]
+) -> None:
     """Three waves of the same 24 image and text requests, each wave in another arrival order, on a pool of
     1500 slots with forced retractions. A retracted request re-prefills and replays its stored kept set, so
     every output equals the roomy server's (same flags, 8192 slots)."""

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from madakv_sglang.reference import headwise_decode
+from madakv_sglang.kernels.torch_decode import headwise_decode
 
 pytestmark = pytest.mark.gpu
 
@@ -51,8 +51,9 @@ def test_flashinfer_matches_the_reference(dtype: torch.dtype, hq: int, hkv: int,
         lengths[0], lengths[-1] = 0, 1  # an empty head (out 0, lse -inf) and a single-entry head
         indptr, indices = _tables(lengths, cells, generator)
         out = decoder(q, k, v, indptr.cuda(), indices.cuda(), hkv, dim**-0.5)
-        ref_out, ref_lse = headwise_decode(q.float(), k.float(), v.float(), indptr.cuda(), indices.cuda(), hkv,
-                                           dim**-0.5)
+        ref_out, ref_lse = headwise_decode(
+            q.float(), k.float(), v.float(), indptr.cuda(), indices.cuda(), hkv, dim**-0.5
+        )
         torch.testing.assert_close(out[0].float(), ref_out, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
         finite = torch.isfinite(ref_lse)
         torch.testing.assert_close(out[1][finite], ref_lse[finite], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
@@ -79,8 +80,9 @@ def test_decode_over_a_shared_pool_past_32_bit_byte_offsets(backend: str, seed: 
     k[used] = torch.randn(used.numel(), dim, generator=generator).to("cuda", torch.bfloat16)
     v[used] = torch.randn(used.numel(), dim, generator=generator).to("cuda", torch.bfloat16)
     q = torch.randn(batch, hq, dim, generator=generator).to("cuda", torch.bfloat16)
-    out, lse = dispatch_decode(q, k, v, indptr.cuda(), indices.cuda().to(torch.int32), hkv, dim**-0.5,
-                               backend=backend)
-    ref_out, ref_lse = headwise_decode(q.float(), k, v, indptr.cuda(), indices.cuda(), hkv, dim**-0.5)  # gathers, then casts
+    out, lse = dispatch_decode(q, k, v, indptr.cuda(), indices.cuda().to(torch.int32), hkv, dim**-0.5, backend=backend)
+    ref_out, ref_lse = headwise_decode(
+        q.float(), k, v, indptr.cuda(), indices.cuda(), hkv, dim**-0.5
+    )  # gathers, then casts
     torch.testing.assert_close(out.float(), ref_out, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
     torch.testing.assert_close(lse, ref_lse, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])

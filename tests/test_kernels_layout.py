@@ -1,6 +1,6 @@
 """Device-side layout kernels against slow references: the decode index tables (``kernels/index_tables.py``,
 ``kernels/triton_index_tables.py``) against the per-row, per-head loop the backend used to run, and the
-all-layer packing (``kernels/pack.py``, ``kernels/triton_pack.py``) against ``layout.apply_pack`` layer by layer.
+all-layer packing (``kernels/pack.py``, ``kernels/triton_pack.py``) against ``tests.oracles.apply_pack`` layer by layer.
 
 Integer tables and pure copies: every comparison is exact. The Triton kernels run on CPU under the Triton
 interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` runs, and must not leak
@@ -22,8 +22,9 @@ from torch import Tensor
 
 from madakv_sglang.kernels.index_tables import build_index_inputs, concat_ranges, decode_index_tables
 from madakv_sglang.kernels.pack import layer_stack_view, pack_cells, pack_moves
-from madakv_sglang.layout import apply_pack, pack_plan
-from madakv_sglang.sglang.ledger import PackedRow
+from madakv_sglang.layout import pack_plan
+from madakv_sglang.packing import PackedRow
+from tests.oracles import apply_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,12 @@ def _layer_cells(layout: str, req_to_token: Tensor, heads: int) -> int:
 
 
 def _random_batch(
-    layers: int, heads: int, batch: int, seed: int, prompt: tuple[int, int] = (3, 12), tail: tuple[int, int] = (0, 6),
+    layers: int,
+    heads: int,
+    batch: int,
+    seed: int,
+    prompt: tuple[int, int] = (3, 12),
+    tail: tuple[int, int] = (0, 6),
     layout: str = "per-layer",
 ) -> tuple[list[PackedRow | None], list[int], list[int], Tensor]:
     """A decode batch over a shuffled pool, on shuffled rows: about half the requests compressed through the real
@@ -73,15 +79,29 @@ def _random_batch(
         else:
             slots = max(1, -(-int(keep.sum()) // (layers * heads)))
             plan = pack_plan(keep, prompt_slots, prompt_slots[:slots], rows=req_to_token.numel() + 1)
-        packed.append(PackedRow(prompt_len=n, slots=0, cells=plan.dst, indptr=plan.indptr, pending_free=None,
-                                waste_cells=0, compress_seconds=0.0))
+        packed.append(
+            PackedRow(
+                prompt_len=n,
+                slots=0,
+                cells=plan.dst,
+                indptr=plan.indptr,
+                pending_free=None,
+                waste_cells=0,
+                compress_seconds=0.0,
+            )
+        )
         seqs.append(n + extra)
     return packed, rows, seqs, req_to_token
 
 
 def _loop_tables(
-    packed: Sequence[PackedRow | None], rows: Sequence[int], seqs: Sequence[int], req_to_token: Tensor, layers: int,
-    heads: int, layer_cells: int = 0,
+    packed: Sequence[PackedRow | None],
+    rows: Sequence[int],
+    seqs: Sequence[int],
+    req_to_token: Tensor,
+    layers: int,
+    heads: int,
+    layer_cells: int = 0,
 ) -> list[tuple[Tensor, Tensor]]:
     """The slow oracle: what ``SGLangBackend._decode_index_tables`` computed, a Python loop over layers, rows
     and heads (a tail cell of layer l is ``l * layer_cells + slot * H + h``). Returns per layer (indptr
@@ -125,7 +145,7 @@ def test_concat_ranges_equals_a_cat_of_aranges(seed: int) -> None:
     count = int(torch.randint(1, 12, (1,), generator=gen))
     starts = torch.randint(0, 100, (count,), generator=gen)
     sizes = torch.randint(0, 4, (count,), generator=gen) * (torch.rand(count, generator=gen) < 0.7)  # empty ones too
-    want = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, sizes)])
+    want = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, sizes, strict=True)])
     assert torch.equal(concat_ranges(starts, sizes, want.numel()), want)
 
 
@@ -198,7 +218,9 @@ def test_inputs_layout() -> None:
 # ---- packing: torch ----
 
 
-def _random_moves(layers: int, heads: int, requests: int, seed: int, n: int = 9) -> tuple[list[Tensor], list[Tensor], int]:
+def _random_moves(
+    layers: int, heads: int, requests: int, seed: int, n: int = 9
+) -> tuple[list[Tensor], list[Tensor], int]:
     """Per-layer moves of several requests packed together (their plans concatenated per layer), over a pool
     of ``slots`` slots. Sources and destinations overlap, as in a real pack."""
     gen = torch.Generator().manual_seed(seed)
@@ -216,7 +238,9 @@ def _random_moves(layers: int, heads: int, requests: int, seed: int, n: int = 9)
     return [torch.cat(s) for s in src], [torch.cat(d) for d in dst], requests * n + 5
 
 
-def _pools(layers: int, slots: int, heads: int, dim: int, dtype: torch.dtype, stacked: bool, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+def _pools(
+    layers: int, slots: int, heads: int, dim: int, dtype: torch.dtype, stacked: bool, seed: int
+) -> tuple[list[Tensor], list[Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     data = torch.randn(2, layers, slots, heads, dim, generator=gen).to(dtype)
     if stacked:
@@ -260,7 +284,9 @@ def test_importing_the_kernels_does_not_import_triton() -> None:
 def test_triton_kernels_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     code = "from tests.test_kernels_layout import interpreter_checks; interpreter_checks()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interpreter checks passed" in result.stdout
 
@@ -276,7 +302,9 @@ def test_triton_kernels_compile_for_hopper(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
     code = "from tests.test_kernels_layout import compile_checks; compile_checks()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compile checks passed" in result.stdout
 
@@ -290,31 +318,65 @@ def compile_checks() -> None:
     from madakv_sglang.kernels import triton_index_tables, triton_pack
 
     def compile_for_sm90(fn: object, signature: dict[str, str], constexprs: dict[str, object]) -> None:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)
+        )
         assert kernel.asm["cubin"]
 
     tables = {"seg_len_ptr": "*i64", "tail_start_ptr": "*i64", "seq_lens_ptr": "*i32", "indptr_ptr": "*i32"}
-    compile_for_sm90(triton_index_tables._indptr_kernel, {**tables, "num_virtual": "i32", "num_heads": "i32", "BLOCK_V": "constexpr"}, {"BLOCK_V": 256})
+    compile_for_sm90(
+        triton_index_tables._indptr_kernel,
+        {**tables, "num_virtual": "i32", "num_heads": "i32", "BLOCK_V": "constexpr"},
+        {"BLOCK_V": 256},
+    )
     for out in ("*i32", "*i64"):
         signature = {
-            "cells_ptr": "*i32", "seg_start_ptr": "*i64", "seg_len_ptr": "*i64", "rows_ptr": "*i64", "tail_start_ptr": "*i64",
-            "seq_lens_ptr": "*i64", "req_to_token_ptr": "*i32", "req_to_token_stride": "i32", "indptr_ptr": out,
-            "indices_ptr": out, "capacity": "i32", "num_virtual": "i32", "num_heads": "i32", "layer_cells": "i64",
+            "cells_ptr": "*i32",
+            "seg_start_ptr": "*i64",
+            "seg_len_ptr": "*i64",
+            "rows_ptr": "*i64",
+            "tail_start_ptr": "*i64",
+            "seq_lens_ptr": "*i64",
+            "req_to_token_ptr": "*i32",
+            "req_to_token_stride": "i32",
+            "indptr_ptr": out,
+            "indices_ptr": out,
+            "capacity": "i32",
+            "num_virtual": "i32",
+            "num_heads": "i32",
+            "layer_cells": "i64",
             "BLOCK": "constexpr",
         }
         compile_for_sm90(triton_index_tables._indices_kernel, signature, {"BLOCK": 128})
     for scatter in (False, True):
         signature = {
-            "bases_ptr": "*i64", "layer_ptr": "*i32", "cells_ptr": "*i64", "tmp_ptr": "*i16", "num_moves": "i32",
-            "num_layers": "i32", "k_width": "i32", "v_width": "i32", "tmp_width": "i32",
-            "SCATTER": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
+            "bases_ptr": "*i64",
+            "layer_ptr": "*i32",
+            "cells_ptr": "*i64",
+            "tmp_ptr": "*i16",
+            "num_moves": "i32",
+            "num_layers": "i32",
+            "k_width": "i32",
+            "v_width": "i32",
+            "tmp_width": "i32",
+            "SCATTER": "constexpr",
+            "BLOCK_T": "constexpr",
+            "BLOCK_D": "constexpr",
         }
         compile_for_sm90(triton_pack._move_kernel, signature, {"SCATTER": scatter, "BLOCK_T": 32, "BLOCK_D": 128})
     print("compile checks passed")
 
 
-def _check_triton_tables(packed: list[PackedRow | None], rows: list[int], seqs: list[int], req_to_token: Tensor,
-                         layers: int, heads: int, device: str, layer_cells: int = 0) -> None:
+def _check_triton_tables(
+    packed: list[PackedRow | None],
+    rows: list[int],
+    seqs: list[int],
+    req_to_token: Tensor,
+    layers: int,
+    heads: int,
+    device: str,
+    layer_cells: int = 0,
+) -> None:
     from madakv_sglang.kernels.triton_index_tables import decode_index_tables_triton
 
     req_to_token = req_to_token.to(device)
@@ -338,7 +400,9 @@ def _check_triton_tables(packed: list[PackedRow | None], rows: list[int], seqs: 
     assert torch.equal(indices, want_idx[:, :short]) and bool((guarded[layers * short :] == -3).all())
 
 
-def _check_triton_pack(layers: int, heads: int, dim: int, dtype: torch.dtype, device: str, requests: int = 2, n: int = 9) -> None:
+def _check_triton_pack(
+    layers: int, heads: int, dim: int, dtype: torch.dtype, device: str, requests: int = 2, n: int = 9
+) -> None:
     from madakv_sglang.kernels.triton_pack import layer_table, pack_cells_triton
 
     src, dst, slots = _random_moves(layers, heads, requests=requests, seed=layers * heads, n=n)
@@ -359,10 +423,12 @@ def interpreter_checks() -> None:
     cases = ((1, 2, 3, 8), (2, 1, 4, 8), (4, 3, 3, 8), (7, 2, 2, 8), (2, 4, 9, 8), (3, 2, 3, 90))  # H, L, B, prompt
     for layout in ("per-layer", "shared"):
         for seed, (heads, layers, batch, prompt) in enumerate(cases):
-            packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch, seed, prompt=(3, prompt),
-                                                             tail=(0, 40), layout=layout)
-            _check_triton_tables(packed, rows, seqs, req_to_token, layers, heads, "cpu",
-                                 _layer_cells(layout, req_to_token, heads))
+            packed, rows, seqs, req_to_token = _random_batch(
+                layers, heads, batch, seed, prompt=(3, prompt), tail=(0, 40), layout=layout
+            )
+            _check_triton_tables(
+                packed, rows, seqs, req_to_token, layers, heads, "cpu", _layer_cells(layout, req_to_token, heads)
+            )
     for layers, heads, dim, dtype in ((1, 1, 4, torch.float32), (3, 2, 8, torch.float16), (2, 4, 6, torch.bfloat16)):
         _check_triton_pack(layers, heads, dim, dtype, "cpu")
     print("interpreter checks passed")
@@ -375,10 +441,12 @@ def interpreter_checks() -> None:
 @pytest.mark.parametrize("layout", ["per-layer", "shared"])
 @pytest.mark.parametrize(("heads", "layers"), [(1, 4), (4, 28), (8, 3)])
 def test_triton_tables_on_cuda(heads: int, layers: int, layout: str) -> None:
-    packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch=48, seed=heads, prompt=(30, 600),
-                                                     tail=(0, 300), layout=layout)
-    _check_triton_tables(packed, rows, seqs, req_to_token, layers, heads, "cuda",
-                         _layer_cells(layout, req_to_token, heads))
+    packed, rows, seqs, req_to_token = _random_batch(
+        layers, heads, batch=48, seed=heads, prompt=(30, 600), tail=(0, 300), layout=layout
+    )
+    _check_triton_tables(
+        packed, rows, seqs, req_to_token, layers, heads, "cuda", _layer_cells(layout, req_to_token, heads)
+    )
 
 
 @pytest.mark.gpu

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from madakv_sglang.config import Budget, PolicyConfig
 from madakv_sglang.policies import PolicyInputs, get_policy
 from madakv_sglang.policies.scoring import pool_within_segments, window_scores
+from madakv_sglang.settings import policy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KVPRESS_PYTHON = ROOT / ".venv-kvpress" / "bin" / "python"
@@ -91,7 +92,11 @@ def dump(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     proc = subprocess.run(
         [str(KVPRESS_PYTHON), str(DUMP_SCRIPT), str(out), json.dumps(CASES)],
-        cwd=out.parent, env=env, capture_output=True, text=True, timeout=300,
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if proc.returncode != 0:
         pytest.fail(f"tests/kvpress_dump.py failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}", pytrace=False)
@@ -108,7 +113,7 @@ def _result(dump: dict, case: dict) -> dict:
 
 
 def _config(case: dict, n_kept: int, pooling: str) -> PolicyConfig:
-    return PolicyConfig(
+    return policy_config(
         policy=case["press"],
         budget=Budget(tokens=n_kept),
         window=case["window_size"],

@@ -7,6 +7,7 @@ The integration tests serve ``--kv-policy madakv``: every node's rank logs its r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,9 +30,9 @@ from madakv_sglang.launch import LaunchError, checks, cli, preflight
 from madakv_sglang.launch.__main__ import main, run
 from madakv_sglang.launch.commands import prefix_argv
 from madakv_sglang.launch.hosts import parse_hostfile, parse_nodes, split_address
-from madakv_sglang.launch.plan import build_plan, local_ranks
+from madakv_sglang.launch.node_plan import build_plan, local_ranks
 from madakv_sglang.launch.slurm import sbatch_script
-from madakv_sglang.serving import CPU_ARGS, CPU_ENV, free_port
+from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_REMOTE = ROOT / "tests" / "fake_remote.sh"
@@ -82,8 +83,16 @@ def test_addresses_split(address: str, want: tuple[str, int]) -> None:
     assert split_address(address) == want
 
 
-@pytest.mark.parametrize(("address", "message"), [("h", "HOST:PORT"), ("h:x", "HOST:PORT"), (":5", "HOST:PORT"),
-                                                  ("h:0", "outside 1..65535"), ("h:65536", "outside 1..65535")])
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("h", "HOST:PORT"),
+        ("h:x", "HOST:PORT"),
+        (":5", "HOST:PORT"),
+        ("h:0", "outside 1..65535"),
+        ("h:65536", "outside 1..65535"),
+    ],
+)
 def test_bad_addresses_are_refused(address: str, message: str) -> None:
     with pytest.raises(LaunchError, match=message):
         split_address(address)
@@ -98,13 +107,47 @@ def test_remote_prefix_places_the_host() -> None:
 
 
 def test_server_flags_are_read_with_sglang_spellings_and_the_per_node_ones_removed() -> None:
-    given = ["--model-path", "m", "--tp", "4", "--port=31000", "--nnodes", "2", "--nccl-init-addr", "h:1",
-             "--kv-budget", "0.1", "--pipeline-parallel-size", "2", "--host", "0.0.0.0", "--node-rank", "0"]
+    given = [
+        "--model-path",
+        "m",
+        "--tp",
+        "4",
+        "--port=31000",
+        "--nnodes",
+        "2",
+        "--nccl-init-addr",
+        "h:1",
+        "--kv-budget",
+        "0.1",
+        "--pipeline-parallel-size",
+        "2",
+        "--host",
+        "0.0.0.0",
+        "--node-rank",
+        "0",
+    ]
     server = cli.parse_server_flags(given)
-    assert (server.tp_size, server.pp_size, server.port, server.host, server.nnodes, server.node_rank,
-            server.dist_init_addr) == (4, 2, 31000, "0.0.0.0", 2, 0, "h:1")
-    assert server.argv == ("--model-path", "m", "--tp", "4", "--kv-budget", "0.1", "--pipeline-parallel-size", "2",
-                           "--host", "0.0.0.0")
+    assert (
+        server.tp_size,
+        server.pp_size,
+        server.port,
+        server.host,
+        server.nnodes,
+        server.node_rank,
+        server.dist_init_addr,
+    ) == (4, 2, 31000, "0.0.0.0", 2, 0, "h:1")
+    assert server.argv == (
+        "--model-path",
+        "m",
+        "--tp",
+        "4",
+        "--kv-budget",
+        "0.1",
+        "--pipeline-parallel-size",
+        "2",
+        "--host",
+        "0.0.0.0",
+    )
     assert server.given == tuple(given)  # a single-node hand-off passes them on untouched
     assert cli.parse_server_flags(["--tensor-parallel-size", "2"]).tp_size == 2
 
@@ -113,8 +156,18 @@ def test_nodes_on_this_machine_run_here_and_need_distinct_ports() -> None:
     assert local_ranks("auto", ["127.0.0.1", AWAY, "localhost", socket.gethostname()]) == {0, 2, 3}
     assert local_ranks("none", ["127.0.0.1"]) == set()
     assert local_ranks("1", ["127.0.0.1", "127.0.0.1"]) == {1}
-    plan = _plan("--nodes", f"127.0.0.1,localhost,{AWAY}", "--dist-init-addr", "10.0.0.1:5000", "--model-path", "m",
-                 "--tp", "3", "--port", "31000")
+    plan = _plan(
+        "--nodes",
+        f"127.0.0.1,localhost,{AWAY}",
+        "--dist-init-addr",
+        "10.0.0.1:5000",
+        "--model-path",
+        "m",
+        "--tp",
+        "3",
+        "--port",
+        "31000",
+    )
     assert [(n.port, n.local) for n in plan.nodes] == [(31000, True), (31001, True), (31000, False)]
 
 
@@ -131,8 +184,10 @@ def test_nodes_on_this_machine_run_here_and_need_distinct_ports() -> None:
         (["--nodes", "127.0.0.1,no-such-host.invalid", "--tp", "2"], r"cannot resolve the host of node 1"),
         (["--nodes", "127.0.0.1,127.0.0.1", "--tp", "2", "--port", "0"], r"--port: port 0 is outside 1..65535"),
         (["--nodes", "127.0.0.1,127.0.0.1", "--tp", "2", "--port", "65535"], r"port 65536 is outside"),
-        (["--nodes", "127.0.0.1,127.0.0.1", "--tp", "2", "--port", "31000", "--dist-init-addr", "127.0.0.1:31001"],
-         r"the dist-init port 31001 is also node 1's HTTP port"),
+        (
+            ["--nodes", "127.0.0.1,127.0.0.1", "--tp", "2", "--port", "31000", "--dist-init-addr", "127.0.0.1:31001"],
+            r"the dist-init port 31001 is also node 1's HTTP port",
+        ),
         (["--nodes", "127.0.0.1,127.0.0.1", "--tp", "2", "--dist-init-addr", "127.0.0.1"], r"expected HOST:PORT"),
         (["--nodes", f"127.0.0.1,{AWAY}", "--tp", "2"], r"127.0.0.1:\d+ is loopback, which node 1 \(192.0.2.1\)"),
         (["--nodes", f"{AWAY},127.0.0.1", "--tp", "2"], r"node 0 \(192.0.2.1\) is another machine .* --host"),
@@ -161,8 +216,11 @@ def test_ports_in_use_here_are_refused() -> None:
         with pytest.raises(LaunchError, match=rf"port {port} \(node 0's HTTP port\) already in use"):
             build_plan(_options(*argv, "--port", str(port)), ENVIRON, check_in_use=True)
         with pytest.raises(LaunchError, match=rf"port {port} \(the dist-init port\) already in use"):
-            build_plan(_options(*argv, "--port", str(free_port()), "--dist-init-addr", f"127.0.0.1:{port}"), ENVIRON,
-                       check_in_use=True)
+            build_plan(
+                _options(*argv, "--port", str(free_port()), "--dist-init-addr", f"127.0.0.1:{port}"),
+                ENVIRON,
+                check_in_use=True,
+            )
 
 
 def test_main_reports_refusals_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,8 +230,21 @@ def test_main_reports_refusals_with_exit_2(capsys: pytest.CaptureFixture[str]) -
 
 def test_bad_kv_flags_stop_the_launcher_with_the_plugins_message(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["--nodes", "127.0.0.1,127.0.0.1", "--model-path", "m", "--tp", "2", "--kv-policy", "madakv",
-              "--kv-budget", "-1", "--print-commands"])
+        main(
+            [
+                "--nodes",
+                "127.0.0.1,127.0.0.1",
+                "--model-path",
+                "m",
+                "--tp",
+                "2",
+                "--kv-policy",
+                "madakv",
+                "--kv-budget",
+                "-1",
+                "--print-commands",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "argument --kv-budget" in capsys.readouterr().err
 
@@ -182,11 +253,35 @@ def test_bad_kv_flags_stop_the_launcher_with_the_plugins_message(capsys: pytest.
 
 
 def test_print_commands_gives_one_pasteable_line_per_node(capsys: pytest.CaptureFixture[str]) -> None:
-    options = _options("--nodes", f"127.0.0.1,{AWAY}", "--local-node-rank", "0", "--remote-prefix",
-                       "ssh -p 2222 {host}", "--remote-python", "/opt/venv/bin/python", "--remote-cwd", "/srv/my dir",
-                       "--env", "HF_HUB_OFFLINE=1", "--node-env", "1:SGLANG_CPU_OMP_THREADS_BIND=0-7",
-                       "--print-commands", "--model-path", "/models/qwen", "--tp", "2", "--kv-policy", "madakv",
-                       "--kv-budget", "0.1", "--dist-init-addr", "10.0.0.1:5000", "--host", "0.0.0.0")
+    options = _options(
+        "--nodes",
+        f"127.0.0.1,{AWAY}",
+        "--local-node-rank",
+        "0",
+        "--remote-prefix",
+        "ssh -p 2222 {host}",
+        "--remote-python",
+        "/opt/venv/bin/python",
+        "--remote-cwd",
+        "/srv/my dir",
+        "--env",
+        "HF_HUB_OFFLINE=1",
+        "--node-env",
+        "1:SGLANG_CPU_OMP_THREADS_BIND=0-7",
+        "--print-commands",
+        "--model-path",
+        "/models/qwen",
+        "--tp",
+        "2",
+        "--kv-policy",
+        "madakv",
+        "--kv-budget",
+        "0.1",
+        "--dist-init-addr",
+        "10.0.0.1:5000",
+        "--host",
+        "0.0.0.0",
+    )
     assert run(options, ENVIRON) == 0
     env = "HF_HUB_OFFLINE=1 MADAKV_KV_WINDOW=16 PYTHONUNBUFFERED=1 SGLANG_USE_CPU_ENGINE=1"
     flags = "--model-path /models/qwen --tp 2 --kv-policy madakv --kv-budget 0.1 --host 0.0.0.0"
@@ -209,13 +304,33 @@ def test_print_commands_for_one_node_is_the_hand_off_line(capsys: pytest.Capture
 
 def test_slurm_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     script = tmp_path / "job.sbatch"
-    options = _options("--slurm", str(script), "--nodes", "gpu-a,gpu-b", "--sbatch-option=--partition=gpu",
-                       "--sbatch-option=--time=01:00:00", "--remote-python", "/opt/venv/bin/python",
-                       "--remote-cwd", "/srv/app", "--model-path", "/models/qwen", "--tp", "8", "--kv-policy",
-                       "madakv", "--kv-budget", "0.1", "--port", "30000")
+    options = _options(
+        "--slurm",
+        str(script),
+        "--nodes",
+        "gpu-a,gpu-b",
+        "--sbatch-option=--partition=gpu",
+        "--sbatch-option=--time=01:00:00",
+        "--remote-python",
+        "/opt/venv/bin/python",
+        "--remote-cwd",
+        "/srv/app",
+        "--model-path",
+        "/models/qwen",
+        "--tp",
+        "8",
+        "--kv-policy",
+        "madakv",
+        "--kv-budget",
+        "0.1",
+        "--port",
+        "30000",
+    )
     assert run(options, ENVIRON) == 0
     assert capsys.readouterr().out == f"wrote {script}; submit it with: sbatch {script}\n"
-    assert script.read_text() == """\
+    assert (
+        script.read_text()
+        == """\
 #!/bin/bash
 #SBATCH --job-name=madakv-sglang
 #SBATCH --nodes=2
@@ -235,11 +350,13 @@ srun --nodes=2 --ntasks-per-node=1 bash -c 'exec /opt/venv/bin/python -m sglang.
 /models/qwen --tp 8 --kv-policy madakv --kv-budget 0.1 --port 30000 --nnodes 2 --node-rank "$SLURM_NODEID" \
 --dist-init-addr "$DIST_INIT_ADDR"'
 """.replace("\\\n", "")
+    )
 
 
 def test_slurm_without_hosts_counts_nnodes_and_keeps_a_given_address() -> None:
-    options = _options("--slurm", "job", "--model-path", "m", "--nnodes", "4", "--tp", "4",
-                       "--dist-init-addr", "head:6000")
+    options = _options(
+        "--slurm", "job", "--model-path", "m", "--nnodes", "4", "--tp", "4", "--dist-init-addr", "head:6000"
+    )
     script = sbatch_script(options, {})
     assert "#SBATCH --nodes=4\n" in script and "--nodelist" not in script
     assert "export DIST_INIT_ADDR=head:6000\n" in script
@@ -259,8 +376,9 @@ def test_plugin_check_names_a_wrong_sglang_and_a_missing_entry_point(monkeypatch
     assert "entry point 'madakv' is not installed" in problems[1]
 
 
-def test_single_node_refuses_without_the_plugin(monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_single_node_refuses_without_the_plugin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(checks, "entry_points", lambda group: [])
     monkeypatch.setattr(os, "execve", lambda *args: pytest.fail("must not hand off"))
     assert main(["--model-path", "m"]) == 2
@@ -269,28 +387,43 @@ def test_single_node_refuses_without_the_plugin(monkeypatch: pytest.MonkeyPatch,
 
 def test_single_node_hands_off_to_sglang_with_its_exit_code() -> None:
     """The plugin inside the SGLang that took over refuses h2o with its message and exit code 2."""
-    result = subprocess.run([PY, "-m", "madakv_sglang.launch", "--model-path", "unused", "--kv-policy", "h2o"],
-                            capture_output=True, text=True, env={**os.environ, **CPU_ENV}, timeout=300)
+    result = subprocess.run(
+        [PY, "-m", "madakv_sglang.launch", "--model-path", "unused", "--kv-policy", "h2o"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **CPU_ENV},
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "runs in the HF path only" in result.stderr
 
 
-def test_preflight_reports_versions_and_the_resolved_policy(monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_preflight_reports_versions_and_the_resolved_policy(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("MADAKV_KV_WINDOW", "16")
     assert preflight.main(["--json", "--kv-policy", "snapkv", "--kv-budget", "0.1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["versions"]) == set(preflight.PACKAGES) and report["versions"]["sglang"] == "0.5.23"
-    assert (report["policy"]["policy"], report["policy"]["budget"], report["policy"]["window"]) == ("snapkv", "0.1",
-                                                                                                      "16")
+    assert (report["policy"]["policy"], report["policy"]["budget"], report["policy"]["window"]) == (
+        "snapkv",
+        "0.1",
+        "16",
+    )
     assert report["plugin"] == []
 
 
 def test_preflight_differences_name_the_node_and_the_item() -> None:
-    base: dict[str, Any] = {"versions": {name: "1" for name in preflight.PACKAGES},
-                            "policy": {"policy": "madakv", "budget": "0.2"}, "plugin": []}
-    other = {"versions": {**base["versions"], "sglang": "0.5.22"}, "policy": {"policy": "madakv", "budget": "0.3"},
-             "plugin": ["the entry point is missing"]}
+    base: dict[str, Any] = {
+        "versions": {name: "1" for name in preflight.PACKAGES},
+        "policy": {"policy": "madakv", "budget": "0.2"},
+        "plugin": [],
+    }
+    other = {
+        "versions": {**base["versions"], "sglang": "0.5.22"},
+        "policy": {"policy": "madakv", "budget": "0.3"},
+        "plugin": ["the entry point is missing"],
+    }
     assert preflight.differences([base, other], ["node 0 (a)", "node 1 (b)"]) == [
         "node 1 (b): the entry point is missing",
         "node 1 (b) has sglang version 0.5.22, node 0 (a) has 1",
@@ -301,10 +434,29 @@ def test_preflight_differences_name_the_node_and_the_item() -> None:
 def test_nodes_that_resolve_different_policies_are_refused() -> None:
     """Node 1 runs through a prefix that sets another budget in its environment; nothing may start."""
     result = subprocess.run(
-        [PY, "-m", "madakv_sglang.launch", "--nodes", "127.0.0.1,127.0.0.1", "--local-node-rank", "0",
-         "--remote-prefix", f"env MADAKV_KV_BUDGET=0.3 bash {FAKE_REMOTE} {{host}}", "--model-path", "unused",
-         "--tp", "2", "--kv-policy", "madakv", "--port", str(_two_free_ports())],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            PY,
+            "-m",
+            "madakv_sglang.launch",
+            "--nodes",
+            "127.0.0.1,127.0.0.1",
+            "--local-node-rank",
+            "0",
+            "--remote-prefix",
+            f"env MADAKV_KV_BUDGET=0.3 bash {FAKE_REMOTE} {{host}}",
+            "--model-path",
+            "unused",
+            "--tp",
+            "2",
+            "--kv-policy",
+            "madakv",
+            "--port",
+            str(_two_free_ports()),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
         env={k: v for k, v in os.environ.items() if not k.startswith("MADAKV_KV_")},
     )
     assert result.returncode == 2, result.stdout + result.stderr
@@ -346,18 +498,48 @@ class Launcher:
         self.port = _two_free_ports()
         self.marker = uuid.uuid4().hex
         command = [
-            PY, "-m", "madakv_sglang.launch", "--nodes", "127.0.0.1,127.0.0.1", "--local-node-rank", "0",
-            "--remote-prefix", f"bash {FAKE_REMOTE} {{host}}", "--env", "HF_HUB_OFFLINE",
+            PY,
+            "-m",
+            "madakv_sglang.launch",
+            "--nodes",
+            "127.0.0.1,127.0.0.1",
+            "--local-node-rank",
+            "0",
+            "--remote-prefix",
+            f"bash {FAKE_REMOTE} {{host}}",
+            "--env",
+            "HF_HUB_OFFLINE",
             # Each node holds one TP rank, bound to its own core (SGLang's default binding wants a NUMA node each).
-            "--node-env", "0:SGLANG_CPU_OMP_THREADS_BIND=0", "--node-env", "1:SGLANG_CPU_OMP_THREADS_BIND=1",
-            "--ready-timeout", "300", "--stop-timeout", "60",
-            "--model-path", str(checkpoint), *CPU_ARGS, "--port", str(self.port), "--tp", "2",
-            "--max-total-tokens", "2048", *policy_args,
+            "--node-env",
+            "0:SGLANG_CPU_OMP_THREADS_BIND=0",
+            "--node-env",
+            "1:SGLANG_CPU_OMP_THREADS_BIND=1",
+            "--ready-timeout",
+            "300",
+            "--stop-timeout",
+            "60",
+            "--model-path",
+            str(checkpoint),
+            *CPU_ARGS,
+            "--port",
+            str(self.port),
+            "--tp",
+            "2",
+            "--max-total-tokens",
+            "2048",
+            *policy_args,
         ]
         self.lines: list[str] = []
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, errors="replace", start_new_session=True,
-                                        env={**os.environ, **CPU_ENV, MARKER_ENV: self.marker})
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            env={**os.environ, **CPU_ENV, MARKER_ENV: self.marker},
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -393,10 +575,8 @@ class Launcher:
             self.process.wait()
         left = _survivors(self.marker)
         for pid in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return left
 
 
@@ -415,8 +595,9 @@ def launcher(checkpoint: Path) -> Iterator[Launcher]:
 
 
 def _post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         return dict(json.loads(response.read()))
 
@@ -425,8 +606,14 @@ def test_two_nodes_serve_and_stop_cleanly(launcher: Launcher) -> None:
     url = launcher.wait_for(r"\[launch\] ready: (\S+)").group(1)
     assert url == f"http://127.0.0.1:{launcher.port}"
     prompt = list(range(3, 83))  # 80 token ids
-    output = _post(url + "/generate", {"input_ids": prompt, "rid": "two-nodes",
-                                       "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}})
+    output = _post(
+        url + "/generate",
+        {
+            "input_ids": prompt,
+            "rid": "two-nodes",
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+        },
+    )
     assert len(output["output_ids"]) == 8
     assert output["meta_info"]["madakv"][0]["prompt_slots"] == 80
     kept = output["meta_info"]["madakv"][0]["kept_slots"]

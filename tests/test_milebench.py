@@ -46,34 +46,40 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("raw", "normalized"), [
-    ("A. The red car!", "a the red car"),  # "!" touches no space: a space, stripped; the period goes
-    ("dog-house", "dog house"),  # "-" touches no space: replaced by a space
-    ("well - done", "well  done"),  # "-" touches a space: deleted (the two spaces stay)
-    ("1,000 (approx.)", "1000 approx"),  # a digit-comma-digit anywhere: every mark is deleted
-    ("3.5 m.", "3.5 m"),  # a period before a digit stays
-    ("'Quoted'\n", "quoted"),
-    ("." * 40, "." * 8),  # MileBench removes at most 32 periods (re.UNICODE passed as sub()'s count)
-])
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("A. The red car!", "a the red car"),  # "!" touches no space: a space, stripped; the period goes
+        ("dog-house", "dog house"),  # "-" touches no space: replaced by a space
+        ("well - done", "well  done"),  # "-" touches a space: deleted (the two spaces stay)
+        ("1,000 (approx.)", "1000 approx"),  # a digit-comma-digit anywhere: every mark is deleted
+        ("3.5 m.", "3.5 m"),  # a period before a digit stays
+        ("'Quoted'\n", "quoted"),
+        ("." * 40, "." * 8),  # MileBench removes at most 32 periods (re.UNICODE passed as sub()'s count)
+    ],
+)
 def test_normalize(raw: str, normalized: str) -> None:
     assert normalize(raw) == normalized
 
 
-@pytest.mark.parametrize(("hypothesis", "reference", "expected"), [
-    # Distinct words: hyp {the cat sat on mat} = 5, ref {the cat is on mat} = 5; the LCS "the cat on the mat" has
-    # 4 distinct words, so P = R = 4/5 and F = 0.8 (textbook ROUGE-L would say 5/6).
-    ("the cat sat on the mat", "the cat is on the mat", 0.8),
-    # hyp {red car}: P = 2/2; ref {the red car is fast}: R = 2/5; F = 2 * 0.4 / 1.4 = 4/7.
-    ("red car", "the red car is fast", 4 / 7),
-    ("x y", "a b", 0.0),
-    ("the cat", "the cat", 1.0),
-    # Sentences split at ".": LCS(ref "a c", hyp "a b") = {a}, LCS("a c", "c d") = {c}, LCS("b d", "a b") = {b},
-    # LCS("b d", "c d") = {d}; the union {a b c d} covers both sides: F = 1 (flat LCS "a b d" / "a c d" is 3/4).
-    ("a b. c d", "a c. b d", 1.0),
-    # ref "a b a", hyp "b a a": LCS length 2, "a a" or "b a"; rouge's back-trace takes "b a" (on a tie it steps
-    # along the hypothesis), 2 distinct words of 2 on each side: F = 1 ("a a" would have given 0.5).
-    ("b a a", "a b a", 1.0),
-])
+@pytest.mark.parametrize(
+    ("hypothesis", "reference", "expected"),
+    [
+        # Distinct words: hyp {the cat sat on mat} = 5, ref {the cat is on mat} = 5; the LCS "the cat on the mat" has
+        # 4 distinct words, so P = R = 4/5 and F = 0.8 (textbook ROUGE-L would say 5/6).
+        ("the cat sat on the mat", "the cat is on the mat", 0.8),
+        # hyp {red car}: P = 2/2; ref {the red car is fast}: R = 2/5; F = 2 * 0.4 / 1.4 = 4/7.
+        ("red car", "the red car is fast", 4 / 7),
+        ("x y", "a b", 0.0),
+        ("the cat", "the cat", 1.0),
+        # Sentences split at ".": LCS(ref "a c", hyp "a b") = {a}, LCS("a c", "c d") = {c}, LCS("b d", "a b") = {b},
+        # LCS("b d", "c d") = {d}; the union {a b c d} covers both sides: F = 1 (flat LCS "a b d" / "a c d" is 3/4).
+        ("a b. c d", "a c. b d", 1.0),
+        # ref "a b a", hyp "b a a": LCS length 2, "a a" or "b a"; rouge's back-trace takes "b a" (on a tie it steps
+        # along the hypothesis), 2 distinct words of 2 on each side: F = 1 ("a a" would have given 0.5).
+        ("b a a", "a b a", 1.0),
+    ],
+)
 def test_rouge_l_matches_hand_computed(hypothesis: str, reference: str, expected: float) -> None:
     assert rouge_l_f(hypothesis, reference) == pytest.approx(expected, abs=1e-7)  # rouge's F adds 1e-8 below
 
@@ -87,16 +93,19 @@ def test_rouge_rule_normalizes_and_scores_empty_zero() -> None:
 CHOICES = ["the red car", "a blue house", "3.5 meters", "$12.50"]
 
 
-@pytest.mark.parametrize(("prediction", "letter"), [
-    ("a", "A"),  # stage 3: the prediction is a key
-    ("b a blue house", "B"),  # stage 1: letter + choice ("B. A blue house" normalized)
-    ("d $12.50", "D"),  # stage 1 escapes regex characters
-    ("i think it is the red car", "A"),  # stage 2: the choice's text, spaces ignored
-    ("it is a bluehouse", "B"),
-    ("the answer is b", "AB"),  # fallback: every letter that is a key, "a" of "answer" included (a miss)
-    ("it is 3.5 meters", ""),  # MileBench compares stage 2's match with the escaped "3\\.5meters": never found
-    ("", "C"),  # MileBench reads an empty answer as "C"
-])
+@pytest.mark.parametrize(
+    ("prediction", "letter"),
+    [
+        ("a", "A"),  # stage 3: the prediction is a key
+        ("b a blue house", "B"),  # stage 1: letter + choice ("B. A blue house" normalized)
+        ("d $12.50", "D"),  # stage 1 escapes regex characters
+        ("i think it is the red car", "A"),  # stage 2: the choice's text, spaces ignored
+        ("it is a bluehouse", "B"),
+        ("the answer is b", "AB"),  # fallback: every letter that is a key, "a" of "answer" included (a miss)
+        ("it is 3.5 meters", ""),  # MileBench compares stage 2's match with the escaped "3\\.5meters": never found
+        ("", "C"),  # MileBench reads an empty answer as "C"
+    ],
+)
 def test_extract_option_stages(prediction: str, letter: str) -> None:
     assert extract_option(prediction, [normalize(c) for c in CHOICES]) == letter
 
@@ -109,22 +118,28 @@ def test_choice_rule_scores_letter_against_answer() -> None:
         score_sample("choice", "A", "a green tree", CHOICES)
 
 
-@pytest.mark.parametrize(("prediction", "hit"), [
-    ("The passkey is 48213.", True),
-    ("48213, I think", True),  # "," touches a space: deleted
-    ("passkey48213", False),  # must be a whole word
-    ("482130", False),
-])
+@pytest.mark.parametrize(
+    ("prediction", "hit"),
+    [
+        ("The passkey is 48213.", True),
+        ("48213, I think", True),  # "," touches a space: deleted
+        ("passkey48213", False),  # must be a whole word
+        ("482130", False),
+    ],
+)
 def test_needle_hit_is_a_whole_word(prediction: str, hit: bool) -> None:
     assert score_sample("needle", prediction, "48213").score == float(hit)
 
 
-@pytest.mark.parametrize(("prediction", "hit"), [
-    ("It came out in 1998!", True),
-    ("bluegrass", False),
-    ("the roof is bluegrass", False),
-    ("in 19 98", False),
-])
+@pytest.mark.parametrize(
+    ("prediction", "hit"),
+    [
+        ("It came out in 1998!", True),
+        ("bluegrass", False),
+        ("the roof is bluegrass", False),
+        ("in 19 98", False),
+    ],
+)
 def test_mmcoqa_hit_is_a_substring(prediction: str, hit: bool) -> None:
     assert score_sample("substring", prediction, "1998").score == float(hit)
     assert score_sample("substring", "Bluegrass", "blue").score == 1.0  # inside a word counts
@@ -165,7 +180,10 @@ class CharTokenizer:
 def test_prompt_interleaves_images_and_lists_choices() -> None:
     doc = load_dataset(SAMPLE, "DocVQA").samples[0]
     assert build_prompt(doc, "DocVQA") == [
-        doc.instruction + "\nPage 1: ", doc.images[0], " Page 2: ", doc.images[1],
+        doc.instruction + "\nPage 1: ",
+        doc.images[0],
+        " Page 2: ",
+        doc.images[1],
         " Question: What is the price of the ticket?\nChoice list: \nA. 1987\nB. March 3\nC. $12.50\nD. Page 4"
         "\nYour answer is: ",
     ]
@@ -178,14 +196,17 @@ def test_prompt_interleaves_images_and_lists_choices() -> None:
 I1, I2 = Path("i1.png"), Path("i2.png")
 
 
-@pytest.mark.parametrize(("max_tokens", "parts"), [
-    # instruction "Q" = 1 token, fragments "abcd" | "ef" | "gh", 3 tokens per image: all of it is 1+4+3+2+3+2 = 15
-    (15, ["Q\nabcd", I1, "ef", I2, "gh"]),
-    (12, ["Q\n", I1, "ef", I2, "gh"]),  # 11 left: gh 2, i2 5, ef 7, i1 10, abcd would make 14
-    (9, ["Q\nef", I2, "gh"]),  # 8 left: gh 2, i2 5, ef 7, i1 would make 10
-    (4, ["Q\ngh"]),  # 3 left: gh 2, i2 would make 5
-    (2, ["Q\nh"]),  # 1 left: "gh" alone is too long, its last token stays
-])
+@pytest.mark.parametrize(
+    ("max_tokens", "parts"),
+    [
+        # instruction "Q" = 1 token, fragments "abcd" | "ef" | "gh", 3 tokens per image: all of it is 1+4+3+2+3+2 = 15
+        (15, ["Q\nabcd", I1, "ef", I2, "gh"]),
+        (12, ["Q\n", I1, "ef", I2, "gh"]),  # 11 left: gh 2, i2 5, ef 7, i1 10, abcd would make 14
+        (9, ["Q\nef", I2, "gh"]),  # 8 left: gh 2, i2 5, ef 7, i1 would make 10
+        (4, ["Q\ngh"]),  # 3 left: gh 2, i2 would make 5
+        (2, ["Q\nh"]),  # 1 left: "gh" alone is too long, its last token stays
+    ],
+)
 def test_middle_truncation_keeps_instruction_and_end(max_tokens: int, parts: list[Any]) -> None:
     context = f"abcd{PLACEHOLDER}ef{PLACEHOLDER}gh"
     assert interleave("Q", context, [I1, I2], Truncation(CharTokenizer(), max_tokens, 3)) == parts
@@ -262,8 +283,10 @@ class Stub:
                     self.end_headers()
                     self.wfile.write(b'{"message": "unknown prompt"}')
                     return
-                reply = {"choices": [{"message": {"content": stub.answers[key]}}],
-                         "usage": {"prompt_tokens": len(text), "completion_tokens": 1}}
+                reply = {
+                    "choices": [{"message": {"content": stub.answers[key]}}],
+                    "usage": {"prompt_tokens": len(text), "completion_tokens": 1},
+                }
                 self.send_response(200)
                 self.end_headers()
                 self.wfile.write(json.dumps(reply).encode())
@@ -333,15 +356,17 @@ def test_run_sends_milebench_requests_and_scores_them(sample_dir: Path, oracle: 
         assert result["score"] == pytest.approx(1 - failed / result["count"], abs=1e-7)
     assert tasks["TN"]["rule"] == "needle" and tasks["MMCoQA"]["rule"] == "substring"
     assert tasks["DocVQA"]["metric"] == "accuracy" and tasks["IEdit"]["metric"] == "rouge_l_f"
-    assert tasks["TN"]["levels"] == {level: {"score": pytest.approx(1.0), "count": 1}
-                                     for level in ("Few", "Medium", "Many")}
+    assert tasks["TN"]["levels"] == {
+        level: {"score": pytest.approx(1.0), "count": 1} for level in ("Few", "Medium", "Many")
+    }
     alfred = tasks["ALFRED"]["samples"][1]
     assert alfred["error"].startswith("HTTP 400") and alfred["score"] == 0.0 and alfred["level"] == "Medium"
     assert tasks["DocVQA"]["samples"][0]["extracted"] == "C"
 
 
-def test_cli_writes_json_and_exits_1_on_failed_requests(sample_dir: Path, oracle: Stub, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_json_and_exits_1_on_failed_requests(
+    sample_dir: Path, oracle: Stub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "results.json"
     args = ["--data-dir", str(sample_dir), "--server", oracle.url, "--out", str(out), "--image-transport", "file"]
     assert main([*args, "--tasks", "TN,CLEVR-C", "--limit", "1"]) == 0
@@ -370,8 +395,18 @@ def test_progress_prints_a_line_per_tenth_off_a_terminal() -> None:
 
 def test_cli_checks_data_before_sending(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="images missing"):
-        main(["--data-dir", str(SAMPLE), "--server", "http://127.0.0.1:9", "--tasks", "IEdit",
-              "--out", str(tmp_path / "r.json")])
+        main(
+            [
+                "--data-dir",
+                str(SAMPLE),
+                "--server",
+                "http://127.0.0.1:9",
+                "--tasks",
+                "IEdit",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
     with pytest.raises(SystemExit):
         main(["--data-dir", str(SAMPLE), "--server", "x", "--max-context-tokens", "100"])
 
@@ -389,17 +424,35 @@ def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
 
 
-def test_cli_truncates_with_the_model_tokenizer(sample_dir: Path, oracle: Stub, tiny_qwen2_vl: Path,
-                                                tmp_path: Path) -> None:
+def test_cli_truncates_with_the_model_tokenizer(
+    sample_dir: Path, oracle: Stub, tiny_qwen2_vl: Path, tmp_path: Path
+) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_vl)
     sample = load_dataset(sample_dir, "TN").samples[1]  # 6 images, 4 tokens each in this model
     instruction = len(tokenizer.encode(sample.instruction, add_special_tokens=False))
     budget = 200
-    main(["--data-dir", str(sample_dir), "--server", oracle.url, "--tasks", "TN", "--limit", "2",
-          "--max-context-tokens", str(budget), "--tokenizer", str(tiny_qwen2_vl), "--tokens-per-image", "4",
-          "--out", str(tmp_path / "r.json")])
+    main(
+        [
+            "--data-dir",
+            str(sample_dir),
+            "--server",
+            oracle.url,
+            "--tasks",
+            "TN",
+            "--limit",
+            "2",
+            "--max-context-tokens",
+            str(budget),
+            "--tokenizer",
+            str(tiny_qwen2_vl),
+            "--tokens-per-image",
+            "4",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     (request,) = [r for r in oracle.requests if "90714" in json.dumps(r)]
     parts = request["messages"][0]["content"]
     texts = [p["text"] for p in parts if p["type"] == "text"]
@@ -410,8 +463,9 @@ def test_cli_truncates_with_the_model_tokenizer(sample_dir: Path, oracle: Stub, 
     assert instruction < used <= budget + 1  # + 1: the "\n" after the instruction is not counted, as MileBench
 
 
-def test_cli_against_sglang_with_madakv(sample_dir: Path, tiny_qwen2_vl: Path,
-                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_cli_against_sglang_with_madakv(
+    sample_dir: Path, tiny_qwen2_vl: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from tests.sglang_server import Server
 
     model = tiny_qwen2_vl
@@ -419,9 +473,25 @@ def test_cli_against_sglang_with_madakv(sample_dir: Path, tiny_qwen2_vl: Path,
     out = logs / "results.json"
     args = ["--kv-policy", "madakv", "--kv-budget", "0.5", "--kv-window", "8", "--max-total-tokens", "8192"]
     with Server(model, args, logs / "server.log") as server:
-        command = [sys.executable, "-m", "benchmarks.milebench", "--data-dir", str(sample_dir),
-                   "--server", server.url, "--limit", "1", "--max-tokens", "4", "--concurrency", "2",
-                   "--extra-body", '{"custom_params": {"kv_budget": 0.3}}', "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.milebench",
+            "--data-dir",
+            str(sample_dir),
+            "--server",
+            server.url,
+            "--limit",
+            "1",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "2",
+            "--extra-body",
+            '{"custom_params": {"kv_budget": 0.3}}',
+            "--out",
+            str(out),
+        ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
         log = server.log()
     assert done.returncode == 0, done.stdout + done.stderr + log[-3000:]
@@ -429,8 +499,17 @@ def test_cli_against_sglang_with_madakv(sample_dir: Path, tiny_qwen2_vl: Path,
     assert set(results) == {"benchmark", "settings", "average", "elapsed_s", "tasks"}
     assert list(results["tasks"]) == list(TASKS)
     for result in results["tasks"].values():
-        assert set(result) == {"dataset", "question_type", "rule", "metric", "score", "count", "errors", "levels",
-                               "samples"}
+        assert set(result) == {
+            "dataset",
+            "question_type",
+            "rule",
+            "metric",
+            "score",
+            "count",
+            "errors",
+            "levels",
+            "samples",
+        }
         assert (result["count"], result["errors"]) == (1, 0) and 0.0 <= result["score"] <= 1.0
         (sample,) = result["samples"]
         assert sample["error"] is None and isinstance(sample["prediction"], str)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import train_needle_vlm as needle_vlm
 from benchmarks.needles import TASKS, NeedleSample, is_correct, prompt_inputs
-from madakv_sglang.serving import Server
+from madakv_sglang.server_process import Server
 
 MODEL_DIR = needle_vlm.DEFAULT_OUT
 # Four prompts per task: seed 0 of the corner cells (24 or 72 sentences x 2 or 6 images) of the card's
@@ -66,7 +65,6 @@ def test_full_cache_accuracy_reaches_the_model_card(samples: list[NeedleSample],
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("sglang")
     log = tmp_path_factory.mktemp("needle-vl") / "server.log"
     with Server(MODEL_DIR, ["--kv-policy", "full", "--max-total-tokens", "8192"], log) as running:
         yield running
@@ -80,15 +78,21 @@ def _served(samples: list[NeedleSample]) -> list[int]:
     return [task * per_task + task % cells for task in range(len(TASKS))][:SERVED]
 
 
-def test_sglang_serves_the_hf_answers(server: Server, checkpoint: tuple[Any, Any], samples: list[NeedleSample],
-                                      hf_replies: list[str]) -> None:
+def test_sglang_serves_the_hf_answers(
+    server: Server, checkpoint: tuple[Any, Any], samples: list[NeedleSample], hf_replies: list[str]
+) -> None:
     _, processor = checkpoint
     for index in _served(samples):
         sample = samples[index]
-        chat = server.post("/v1/chat/completions", {
-            "model": "needle-vl", "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "user", "content": sample.openai_content()}],
-        })
+        chat = server.post(
+            "/v1/chat/completions",
+            {
+                "model": "needle-vl",
+                "temperature": 0,
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": sample.openai_content()}],
+            },
+        )
         reply = chat["choices"][0]["message"]["content"]
         prompt_len = prompt_inputs(processor, sample)["input_ids"].shape[1]
         assert chat["usage"]["prompt_tokens"] == prompt_len, sample.config  # the same rendering on both sides

@@ -25,8 +25,9 @@ def test_same_seed_same_sample_other_seed_other_sample(task: str) -> None:
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_text_needle_sits_at_its_depth_and_is_the_answer(depth: float) -> None:
     sample = make_sample(NeedleConfig("text", sentences=40, images=4, depth=depth), 3)
-    sentences = [s.strip() + "." for part in sample.segments if isinstance(part, str)
-                 for s in part.split(".") if s.strip()]
+    sentences = [
+        s.strip() + "." for part in sample.segments if isinstance(part, str) for s in part.split(".") if s.strip()
+    ]
     where = sentences.index(f"The key is {sample.answer}.")
     assert where == round(depth * 40) == sample.meta["needle_sentence"]
     assert sample.answer in KEYS and len(sentences) == 41

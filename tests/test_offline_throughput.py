@@ -1,4 +1,4 @@
-"""``python -m madakv_sglang.sglang.offline_throughput``: SGLang's offline benchmark with the ``--kv-*`` flags.
+"""``python -m madakv_sglang.engine.offline_throughput``: SGLang's offline benchmark with the ``--kv-*`` flags.
 
 The real run uses ``sglang.Engine`` in-process on CPU (tiny Qwen2, SGLang's strict memory checks on). Its
 requests come from a ShareGPT-format file that the test writes: SGLang's script always samples its warm-up
@@ -14,12 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from madakv_sglang.serving import CPU_ARGS, CPU_ENV, STRICT_ENV
+from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE = "madakv_sglang.sglang.offline_throughput"
+MODULE = "madakv_sglang.engine.offline_throughput"
 SENTENCES = (
     "Tell me a story about a robot who wants to learn how to paint flowers in the garden of an old castle.",
     "Once upon a time, there was a little girl who lived in a village by the sea with her grandmother.",
@@ -30,8 +28,9 @@ SENTENCES = (
 def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **CPU_ENV, **STRICT_ENV}
     env.pop("MADAKV_KV_POLICY", None)  # only the flags may configure the run
-    return subprocess.run([sys.executable, "-m", MODULE, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", MODULE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_the_kv_flags() -> None:
@@ -49,8 +48,9 @@ def test_a_bad_budget_exits_2_before_the_engine_starts() -> None:
 
 
 def test_a_setting_refused_at_resolution_exits_2_with_the_plugins_message() -> None:
-    done = _run(["--model-path", "unused", "--device", "cpu", "--kv-policy", "madakv", "--enable-mixed-chunk"],
-                timeout=300)
+    done = _run(
+        ["--model-path", "unused", "--device", "cpu", "--kv-policy", "madakv", "--enable-mixed-chunk"], timeout=300
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: madakv: --enable-mixed-chunk is not supported" in done.stderr
 
@@ -60,14 +60,44 @@ def test_madakv_compresses_every_request_of_the_benchmark(tmp_path: Path) -> Non
 
     model = checkpoints.write_checkpoint("qwen2", tmp_path / "tiny-qwen2", seed=0)
     sharegpt = tmp_path / "sharegpt.json"
-    conversations = [{"id": str(i), "conversations": [{"from": "human", "value": SENTENCES[i % 3] * 3},
-                                                      {"from": "gpt", "value": "Sure."}]} for i in range(24)]
+    conversations = [
+        {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": SENTENCES[i % 3] * 3}, {"from": "gpt", "value": "Sure."}],
+        }
+        for i in range(24)
+    ]
     sharegpt.write_text(json.dumps(conversations))
     result = tmp_path / "result.jsonl"
-    done = _run(["--model-path", str(model), *CPU_ARGS, "--kv-policy", "madakv", "--kv-budget", "0.2",
-                 "--kv-window", "8", "--kv-min-prompt", "0", "--dataset-name", "random", "--dataset-path", str(sharegpt),
-                 "--random-input-len", "200", "--random-range-ratio", "1.0", "--random-output-len", "8",
-                 "--num-prompts", "8", "--result-filename", str(result)])
+    done = _run(
+        [
+            "--model-path",
+            str(model),
+            *CPU_ARGS,
+            "--kv-policy",
+            "madakv",
+            "--kv-budget",
+            "0.2",
+            "--kv-window",
+            "8",
+            "--kv-min-prompt",
+            "0",
+            "--dataset-name",
+            "random",
+            "--dataset-path",
+            str(sharegpt),
+            "--random-input-len",
+            "200",
+            "--random-range-ratio",
+            "1.0",
+            "--random-output-len",
+            "8",
+            "--num-prompts",
+            "8",
+            "--result-filename",
+            str(result),
+        ]
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     output = json.loads(result.read_text().splitlines()[-1])
     assert output["successful_requests"] == 8

@@ -20,10 +20,31 @@ def plan_json(capsys, *args: str) -> dict:
 
 @pytest.mark.parametrize("layout", ["shared", "per-layer"])
 def test_json_contract_and_budget(capsys, layout):
-    report = plan_json(capsys, "--layers", "8", "--heads", "4", "--prompt", "600", "--budget", "0.1", "--policy", "madakv",
-                       "--layout", layout)
-    assert {"policy", "layout", "budget_tokens", "total_kept", "slots_kept", "slots_reclaimed", "packing_waste",
-            "layers"} <= report.keys()
+    report = plan_json(
+        capsys,
+        "--layers",
+        "8",
+        "--heads",
+        "4",
+        "--prompt",
+        "600",
+        "--budget",
+        "0.1",
+        "--policy",
+        "madakv",
+        "--layout",
+        layout,
+    )
+    assert {
+        "policy",
+        "layout",
+        "budget_tokens",
+        "total_kept",
+        "slots_kept",
+        "slots_reclaimed",
+        "packing_waste",
+        "layers",
+    } <= report.keys()
     B, L, H = report["budget_tokens"], 8, 4
     assert B == 60 and report["layout"] == layout
     assert report["total_kept"] <= L * H * B
@@ -37,14 +58,26 @@ def test_json_contract_and_budget(capsys, layout):
     assert report["slots_reclaimed"] == 600 - report["slots_kept"]
     assert report["packing_waste"] == report["slots_kept"] * L * H - report["total_kept"]
     for row in report["layers"]:
-        assert [v + t for v, t in zip(row["kept_visual"], row["kept_text"])] == row["kept"]
+        assert [v + t for v, t in zip(row["kept_visual"], row["kept_text"], strict=True)] == row["kept"]
 
 
 def test_shared_layout_holds_the_budget_at_the_issue_setting(capsys):
     """The setting of the shared-cells issue: 13,120 cells = L*H*B kept; per-layer held 257 slots (the 1.25 cap
     on a 205-token budget), shared holds ceil(13,120 / 64) = 205."""
-    args = ("--policy", "madakv", "--layers", "8", "--heads", "8", "--prompt", "2048", "--visual-frac", "0.6",
-            "--budget", "0.1")
+    args = (
+        "--policy",
+        "madakv",
+        "--layers",
+        "8",
+        "--heads",
+        "8",
+        "--prompt",
+        "2048",
+        "--visual-frac",
+        "0.6",
+        "--budget",
+        "0.1",
+    )
     shared = plan_json(capsys, *args, "--layout", "shared")
     per_layer = plan_json(capsys, *args, "--layout", "per-layer")
     assert shared["total_kept"] == per_layer["total_kept"] == 8 * 8 * 205
@@ -65,8 +98,21 @@ def test_madakv_moves_budget_to_the_visual_heads(tmp_path, capsys):
     psi[:, 1, 140 : n - W] += 0.2
     path = tmp_path / "scores.pt"
     torch.save({"scores": psi, "visual": visual}, path)
-    report = plan_json(capsys, "--scores", str(path), "--budget", "0.2", "--window", str(W), "--hcc", "off",
-                       "--sink", "0", "--min-prompt", "0")
+    report = plan_json(
+        capsys,
+        "--scores",
+        str(path),
+        "--budget",
+        "0.2",
+        "--window",
+        str(W),
+        "--hcc",
+        "off",
+        "--sink",
+        "0",
+        "--min-prompt",
+        "0",
+    )
     for row in report["layers"]:
         assert row["kept_visual"][0] > 0.8 * (row["kept"][0] - W), "visual-preferring head keeps mostly visual"
         assert row["kept_text"][1] > 0.8 * (row["kept"][1] - W), "text-preferring head keeps mostly text"

@@ -1,5 +1,5 @@
 """The SGLang plugin: flags, refusals, forced settings, stock behaviour under ``--kv-policy full``, per-request
-overrides and metrics (madakv_sglang/sglang/{plugin,settings,requests,metrics}.py).
+overrides and metrics (madakv_sglang/engine/{plugin,environment,requests,metrics}.py).
 
 Everything that needs SGLang runs in subprocesses of .venv's python (SGLang loads plugins once per process). The
 quick ones (CLI runs, the resolution pipeline called in-process on a tiny config) start together in one
@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 
-from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.sglang import metrics, settings
-from madakv_sglang.sglang.plugin import _after_validate_one_request, _after_verify, config_from_kv_argv, split_kv_argv
-from madakv_sglang.sglang.requests import request_config
+from madakv_sglang.config import Budget, ConfigError, PolicyConfig
+from madakv_sglang.engine import environment, metrics
+from madakv_sglang.engine.plugin import _after_validate_one_request, _after_verify, config_from_kv_argv, split_kv_argv
+from madakv_sglang.engine.requests import request_config
+from madakv_sglang.policies.baselines import ADAKV_ALPHA
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -33,10 +34,21 @@ SETUP_HINT = "run scripts/setup.sh (or `make setup`) to create .venv with SGLang
 PORTS = range(32000, 32100)  # the range this project's tests may bind
 
 TINY_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 512, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "torch_dtype": "float32", "tie_word_embeddings": False, "hidden_act": "silu",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "torch_dtype": "float32",
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
 }
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -117,8 +129,17 @@ PROBE = textwrap.dedent("""
     print("JSON:" + json.dumps(out))
 """)
 
-BASE_ARGV = ["--device", "cpu", "--max-total-tokens", "4096", "--load-format", "dummy", "--skip-tokenizer-init",
-             "--random-seed", "7"]
+BASE_ARGV = [
+    "--device",
+    "cpu",
+    "--max-total-tokens",
+    "4096",
+    "--load-format",
+    "dummy",
+    "--skip-tokenizer-init",
+    "--random-seed",
+    "7",
+]
 MADAKV = ["--kv-policy", "madakv"]
 REFUSALS: dict[str, tuple[list[str], list[str]]] = {  # name -> (extra argv, phrases of the message)
     "mixed_chunk": (MADAKV + ["--enable-mixed-chunk"], ["--enable-mixed-chunk is not supported"]),
@@ -135,35 +156,58 @@ REFUSALS: dict[str, tuple[list[str], list[str]]] = {  # name -> (extra argv, phr
     "page_size": (MADAKV + ["--page-size", "16"], ["--page-size 16 is not supported", "one token per page"]),
     "split_backend": (MADAKV + ["--prefill-attention-backend", "torch_native"], ["--prefill-attention-backend"]),
     "backend_without_policy": (["--attention-backend", "madakv"], ["needs a compressing policy", "--kv-policy {"]),
-    "two_problems": (MADAKV + ["--enable-mixed-chunk", "--pp-size", "2"],
-                     ["cannot run:", "- --enable-mixed-chunk", "- pipeline parallelism"]),
+    "two_problems": (
+        MADAKV + ["--enable-mixed-chunk", "--pp-size", "2"],
+        ["cannot run:", "- --enable-mixed-chunk", "- pipeline parallelism"],
+    ),
 }
 FORCED = {  # name -> (extra argv, resolved fields, log lines expected, log fragments that must not appear)
-    "forced": (MADAKV + ["--attention-backend", "torch_native"],
-               {"attention_backend": "madakv", "page_size": 1, "disable_radix_cache": True,
-                "disable_overlap_schedule": True},
-               ["madakv: forcing attention_backend=madakv (was torch_native): ",
-                "madakv: forcing disable_radix_cache=True (was False): ",
-                "madakv: forcing disable_overlap_schedule=True (was False): "],
-               ["forcing page_size", "forcing CUDA graphs"]),  # page size was unset; graphs were off for torch_native
-    "requested": (["--kv-policy", "snapkv", "--attention-backend", "madakv"],
-                  {"attention_backend": "madakv", "page_size": 1},
-                  ["madakv: dense prefill through torch_native (the platform default)",
-                   "madakv: forcing disable_radix_cache=True (was False): ",
-                   "madakv: forcing disable_overlap_schedule=True (was False): ",
-                   "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): "],
-                  ["forcing attention_backend"]),
-    "tensor_parallel": (MADAKV + ["--tp", "2"], {"attention_backend": "madakv", "tp_size": 2},
-                        ["madakv: forcing attention_backend=madakv (was torch_native)",
-                         "madakv: forcing disable_radix_cache=True (was False): ",
-                         "madakv: forcing disable_overlap_schedule=True (was False): ",
-                         "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): "],
-                        ["is not supported", "cannot run"]),
-    "nothing_to_force": (MADAKV + ["--attention-backend", "torch_native", "--disable-radix-cache",
-                                   "--disable-overlap-schedule", "--page-size", "1"],
-                         {"attention_backend": "madakv", "page_size": 1},
-                         ["madakv: forcing attention_backend=madakv"],
-                         ["forcing disable_radix_cache", "forcing disable_overlap_schedule", "forcing page_size"]),
+    "forced": (
+        MADAKV + ["--attention-backend", "torch_native"],
+        {"attention_backend": "madakv", "page_size": 1, "disable_radix_cache": True, "disable_overlap_schedule": True},
+        [
+            "madakv: forcing attention_backend=madakv (was torch_native): ",
+            "madakv: forcing disable_radix_cache=True (was False): ",
+            "madakv: forcing disable_overlap_schedule=True (was False): ",
+        ],
+        ["forcing page_size", "forcing CUDA graphs"],
+    ),  # page size was unset; graphs were off for torch_native
+    "requested": (
+        ["--kv-policy", "snapkv", "--attention-backend", "madakv"],
+        {"attention_backend": "madakv", "page_size": 1},
+        [
+            "madakv: dense prefill through torch_native (the platform default)",
+            "madakv: forcing disable_radix_cache=True (was False): ",
+            "madakv: forcing disable_overlap_schedule=True (was False): ",
+            "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): ",
+        ],
+        ["forcing attention_backend"],
+    ),
+    "tensor_parallel": (
+        MADAKV + ["--tp", "2"],
+        {"attention_backend": "madakv", "tp_size": 2},
+        [
+            "madakv: forcing attention_backend=madakv (was torch_native)",
+            "madakv: forcing disable_radix_cache=True (was False): ",
+            "madakv: forcing disable_overlap_schedule=True (was False): ",
+            "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): ",
+        ],
+        ["is not supported", "cannot run"],
+    ),
+    "nothing_to_force": (
+        MADAKV
+        + [
+            "--attention-backend",
+            "torch_native",
+            "--disable-radix-cache",
+            "--disable-overlap-schedule",
+            "--page-size",
+            "1",
+        ],
+        {"attention_backend": "madakv", "page_size": 1},
+        ["madakv: forcing attention_backend=madakv"],
+        ["forcing disable_radix_cache", "forcing disable_overlap_schedule", "forcing page_size"],
+    ),
 }
 
 
@@ -190,10 +234,32 @@ def quick_runs(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "probe_stock": (["-c", PROBE, json.dumps({"stock": cases["stock"]})], sglang_env("none")),
         "help": (["-m", "sglang.launch_server", "--help"], sglang_env()),
         # A model path that does not exist: the refusal must come before SGLang looks at it.
-        "cli_refusal": (["-m", "sglang.launch_server", "--model-path", str(cwd / "no-such-model"),
-                         "--kv-policy", "snapkv", "--enable-mixed-chunk", "--port", "32099"], sglang_env()),
-        "serve_bad_flag": ([str(VENV_PYTHON.parent / "sglang"), "serve", str(cwd / "no-such-model"),
-                            "--kv-policy", "madakv", "--kv-budget", "1.5"], sglang_env()),
+        "cli_refusal": (
+            [
+                "-m",
+                "sglang.launch_server",
+                "--model-path",
+                str(cwd / "no-such-model"),
+                "--kv-policy",
+                "snapkv",
+                "--enable-mixed-chunk",
+                "--port",
+                "32099",
+            ],
+            sglang_env(),
+        ),
+        "serve_bad_flag": (
+            [
+                str(VENV_PYTHON.parent / "sglang"),
+                "serve",
+                str(cwd / "no-such-model"),
+                "--kv-policy",
+                "madakv",
+                "--kv-budget",
+                "1.5",
+            ],
+            sglang_env(),
+        ),
     }
     procs = {name: spawn(args, cwd, env, name) for name, (args, env) in commands.items()}
     import psutil
@@ -336,18 +402,21 @@ def test_flags_make_a_config_and_override_the_environment(clean_env: pytest.Monk
     assert config_from_kv_argv([]) is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--kv-policy", "h2o"], "argument --kv-policy: 'h2o' needs the attention of every prompt query"),
-    (["--kv-policy", "nope"], "argument --kv-policy: invalid choice: 'nope'"),
-    (["--kv-policy", "madakv", "--kv-budget", "0"], "argument --kv-budget: "),
-    (["--kv-policy", "madakv", "--kv-budget", "-0.5"], "argument --kv-budget: "),
-    (["--kv-policy", "madakv", "--kv-min-reclaim", "1.5"], "argument --kv-min-reclaim: must be in [0, 1), got 1.5"),
-    (["--kv-policy", "madakv", "--kv-min-prompt", "-1"], "argument --kv-min-prompt: must be an integer >= 0"),
-    (["--kv-policy", "madakv", "--kv-window", "0"], "argument --kv-window: must be an integer >= 1"),
-    (["--kv-policy", "madakv", "--kv-hcc", "sideways"], "argument --kv-hcc: invalid choice"),
-    (["--kv-policy"], "argument --kv-policy: expected one argument"),
-    (["--kv-budget", "0.1"], "--kv-budget set the compressing policies' knobs, but no --kv-policy is given"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kv-policy", "h2o"], "argument --kv-policy: 'h2o' needs the attention of every prompt query"),
+        (["--kv-policy", "nope"], "argument --kv-policy: invalid choice: 'nope'"),
+        (["--kv-policy", "madakv", "--kv-budget", "0"], "argument --kv-budget: "),
+        (["--kv-policy", "madakv", "--kv-budget", "-0.5"], "argument --kv-budget: "),
+        (["--kv-policy", "madakv", "--kv-min-reclaim", "1.5"], "argument --kv-min-reclaim: must be in [0, 1), got 1.5"),
+        (["--kv-policy", "madakv", "--kv-min-prompt", "-1"], "argument --kv-min-prompt: must be an integer >= 0"),
+        (["--kv-policy", "madakv", "--kv-window", "0"], "argument --kv-window: must be an integer >= 1"),
+        (["--kv-policy", "madakv", "--kv-hcc", "sideways"], "argument --kv-hcc: invalid choice"),
+        (["--kv-policy"], "argument --kv-policy: expected one argument"),
+        (["--kv-budget", "0.1"], "--kv-budget set the compressing policies' knobs, but no --kv-policy is given"),
+    ],
+)
 def test_bad_flags_exit_2_naming_the_flag(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
@@ -362,39 +431,45 @@ def test_bad_flags_exit_2_naming_the_flag(
 SERVER = PolicyConfig(policy="madakv", budget="0.2", window=8)
 
 
-@pytest.mark.parametrize("custom, expected", [
-    (None, SERVER),
-    ({}, SERVER),
-    ({"thinking_budget": 5, "other": "x"}, SERVER),
-    ({"kv_budget": 0.1}, SERVER.replace(budget="0.1")),
-    ({"kv_budget": "0.1"}, SERVER.replace(budget="0.1")),
-    ({"kv_budget": 64, "kv_policy": "snapkv"}, SERVER.replace(budget=64, policy="snapkv")),
-    ({"kv_policy": "full"}, SERVER.replace(policy="full")),
-    ({"kv_mpa": False, "kv_window": 4, "kv_hcc": "paper"}, SERVER.replace(mpa=False, window=4, hcc="paper")),
-    ({"kv_budget": None}, SERVER),
-    ({"kv_layout": "shared"}, SERVER),  # the server's own layout: not a change
-    ({"kv_cap": "none"}, SERVER.replace(cap=None)),
-])
+@pytest.mark.parametrize(
+    "custom, expected",
+    [
+        (None, SERVER),
+        ({}, SERVER),
+        ({"thinking_budget": 5, "other": "x"}, SERVER),
+        ({"kv_budget": 0.1}, SERVER.replace(budget="0.1")),
+        ({"kv_budget": "0.1"}, SERVER.replace(budget="0.1")),
+        ({"kv_budget": 64, "kv_policy": "snapkv"}, SERVER.replace(budget=64, policy="snapkv")),
+        ({"kv_policy": "full"}, SERVER.replace(policy="full")),
+        ({"kv_mpa": False, "kv_window": 4, "kv_hcc": "paper"}, SERVER.replace(mpa=False, window=4, hcc="paper")),
+        ({"kv_budget": None}, SERVER),
+        ({"kv_layout": "shared"}, SERVER),  # the server's own layout: not a change
+        ({"kv_cap": "none"}, SERVER.replace(cap=None)),
+    ],
+)
 def test_request_config_applies_overrides(custom: dict[str, Any] | None, expected: PolicyConfig) -> None:
     assert request_config(custom, SERVER) == expected
     if not custom or not any(k.startswith("kv_") and v is not None for k, v in custom.items()):
         assert request_config(custom, SERVER) is SERVER
 
 
-@pytest.mark.parametrize("custom, message", [
-    ({"kv_budget": 0}, "custom_params.kv_budget: "),
-    ({"kv_budget": 1.5}, "custom_params.kv_budget: "),
-    ({"kv_sink": -1}, "custom_params.kv_sink: must be an integer >= 0, got -1"),
-    ({"kv_window_share": 0}, "custom_params.kv_window_share: must be in (0, 1], got 0.0"),
-    ({"kv_window": 3.7}, "custom_params.kv_window: cannot parse '3.7'"),
-    ({"kv_window": True}, "custom_params.kv_window: cannot parse 'True'"),
-    ({"kv_budget": [0.1]}, "custom_params.kv_budget: expected a number, a string or a boolean, got list"),
-    ({"kv_policy": "h2o"}, "custom_params.kv_policy: 'h2o' needs every prompt query's attention"),
-    ({"kv_policy": "nope"}, "custom_params.kv_policy: unknown 'nope'"),
-    ({"kv_budgett": 0.1}, "custom_params.kv_budgett: unknown setting; known: kv_policy, kv_budget"),
-    ({"kv_layout": "per-layer"}, "custom_params.kv_layout: the KV layout is a property of the server's KV pool"),
-    ({"kv_layout": "paged"}, "custom_params.kv_layout: must be one of shared, per-layer, got 'paged'"),
-])
+@pytest.mark.parametrize(
+    "custom, message",
+    [
+        ({"kv_budget": 0}, "custom_params.kv_budget: "),
+        ({"kv_budget": 1.5}, "custom_params.kv_budget: "),
+        ({"kv_sink": -1}, "custom_params.kv_sink: must be an integer >= 0, got -1"),
+        ({"kv_window_share": 0}, "custom_params.kv_window_share: must be in (0, 1], got 0.0"),
+        ({"kv_window": 3.7}, "custom_params.kv_window: cannot parse '3.7'"),
+        ({"kv_window": True}, "custom_params.kv_window: cannot parse 'True'"),
+        ({"kv_budget": [0.1]}, "custom_params.kv_budget: expected a number, a string or a boolean, got list"),
+        ({"kv_policy": "h2o"}, "custom_params.kv_policy: 'h2o' needs every prompt query's attention"),
+        ({"kv_policy": "nope"}, "custom_params.kv_policy: unknown 'nope'"),
+        ({"kv_budgett": 0.1}, "custom_params.kv_budgett: unknown setting; known: kv_policy, kv_budget"),
+        ({"kv_layout": "per-layer"}, "custom_params.kv_layout: the KV layout is a property of the server's KV pool"),
+        ({"kv_layout": "paged"}, "custom_params.kv_layout: must be one of shared, per-layer, got 'paged'"),
+    ],
+)
 def test_request_config_rejects_bad_overrides(custom: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         request_config(custom, SERVER)
@@ -403,8 +478,8 @@ def test_request_config_rejects_bad_overrides(custom: dict[str, Any], message: s
 
 def test_overrides_on_a_full_server_are_rejected() -> None:
     with pytest.raises(ConfigError, match=r"custom_params.kv_policy: .*--kv-policy full\).*Start the server with"):
-        request_config({"kv_policy": "madakv"}, settings.server_default())
-    assert request_config({"unrelated": 1}, settings.server_default()) == settings.server_default()
+        request_config({"kv_policy": "madakv"}, environment.server_default())
+    assert request_config({"unrelated": 1}, environment.server_default()) == environment.server_default()
 
 
 def test_request_hooks(clean_env: pytest.MonkeyPatch) -> None:
@@ -423,21 +498,37 @@ def test_request_hooks(clean_env: pytest.MonkeyPatch) -> None:
 # ---- settings ----
 
 
-def test_engine_kwargs_set_the_environment(clean_env: pytest.MonkeyPatch) -> None:
-    assert settings.engine_kwargs(policy="snapkv", budget=0.1, window=16) == {}
-    assert settings.config_from_env() == PolicyConfig(policy="snapkv", budget="0.1", window=16)
+def test_use_policy_sets_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    assert environment.use_policy(policy="snapkv", budget=0.1, window=16) == PolicyConfig(
+        policy="snapkv", budget="0.1", window=16
+    )
+    assert environment.config_from_env() == PolicyConfig(policy="snapkv", budget="0.1", window=16)
     assert os.environ["MADAKV_KV_POLICY"] == "snapkv" and os.environ["MADAKV_KV_BUDGET"] == "0.1"
-    assert settings.env_may_compress()
-    settings.engine_kwargs(policy="full")
-    assert not settings.is_compressing(settings.config_from_env()) and not settings.env_may_compress()
+    assert environment.env_may_compress()
+    environment.use_policy(policy="full")
+    assert not environment.is_compressing(environment.config_from_env()) and not environment.env_may_compress()
     with pytest.raises(ConfigError, match="HF path only"):
-        settings.engine_kwargs(policy="h2o")
+        environment.use_policy(policy="h2o")
     with pytest.raises(ConfigError, match="budget"):
-        settings.engine_kwargs(policy="madakv", budget=-1)
+        environment.use_policy(policy="madakv", budget=-1)
+
+
+def test_the_server_config_is_parsed_once_per_setting(clean_env: pytest.MonkeyPatch) -> None:
+    """Hooks run per request and per batch; they must not parse the settings each time."""
+    environment._parse.cache_clear()
+    clean_env.setenv("MADAKV_KV_POLICY", "adakv")
+    clean_env.setenv("MADAKV_KV_ADAKV_ALPHA", "0.4")
+    first = environment.server_config()
+    assert all(environment.server_config() is first for _ in range(100))
+    assert environment._parse.cache_info().misses == 1
+    clean_env.setenv("MADAKV_KV_BUDGET", "0.3")  # the launching process writes its flags once
+    assert environment.server_config().budget == Budget.parse("0.3")
+    assert environment._parse.cache_info().misses == 2
+    assert ADAKV_ALPHA.of(environment.server_config()) == 0.4, "a policy option travels through the environment"
 
 
 def test_servable_policies_exclude_hf_only() -> None:
-    names = settings.servable_policy_names()
+    names = environment.servable_policy_names()
     assert names[:2] == ("full", "madakv") and "h2o" not in names
     assert set(names) >= {"snapkv", "adakv", "pyramidkv", "streamingllm", "lookm", "random"}
 
@@ -463,21 +554,25 @@ def test_metrics_series_in_a_registry() -> None:
     series.record_skip("short prompt", "madakv", "shared")
     text = generate_latest(registry).decode()
     labels = 'layout="shared",model_name="m",policy="madakv",tp_rank="0"'
-    for line in (f"madakv_compressed_requests_total{{{labels}}} 2.0", f"madakv_prompt_slots_total{{{labels}}} 150.0",
-                 f"madakv_reclaimed_slots_total{{{labels}}} 70.0", f"madakv_packing_waste_cells_total{{{labels}}} 12.0",
-                 f"madakv_compression_seconds_count{{{labels}}} 2.0",
-                 'madakv_compression_seconds_bucket{layout="shared",le="0.001",model_name="m",policy="madakv",'
-                 'tp_rank="0"} 1.0',  # the exposition sorts the label names
-                 f'madakv_compressed_requests_total{{{labels.replace("shared", "per-layer")}}} 1.0',
-                 'madakv_skipped_requests_total{layout="shared",model_name="m",policy="madakv",reason="short prompt",'
-                 'tp_rank="0"} 1.0'):
+    for line in (
+        f"madakv_compressed_requests_total{{{labels}}} 2.0",
+        f"madakv_prompt_slots_total{{{labels}}} 150.0",
+        f"madakv_reclaimed_slots_total{{{labels}}} 70.0",
+        f"madakv_packing_waste_cells_total{{{labels}}} 12.0",
+        f"madakv_compression_seconds_count{{{labels}}} 2.0",
+        'madakv_compression_seconds_bucket{layout="shared",le="0.001",model_name="m",policy="madakv",'
+        'tp_rank="0"} 1.0',  # the exposition sorts the label names
+        f"madakv_compressed_requests_total{{{labels.replace('shared', 'per-layer')}}} 1.0",
+        'madakv_skipped_requests_total{layout="shared",model_name="m",policy="madakv",reason="short prompt",'
+        'tp_rank="0"} 1.0',
+    ):
         assert line in text, text
 
 
 def test_metrics_export_in_multiprocess_mode(tmp_path: Path) -> None:
     # What SGLang's /metrics does: every process writes to PROMETHEUS_MULTIPROC_DIR, the server aggregates.
     code = textwrap.dedent("""
-        from madakv_sglang.sglang.metrics import record_compression
+        from madakv_sglang.engine.metrics import record_compression
         record_compression(100, 30, 12, 0.02, policy="madakv", layout="shared")
         record_compression(40, 10, 3, 0.5, policy="snapkv", layout="shared")
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -487,14 +582,17 @@ def test_metrics_export_in_multiprocess_mode(tmp_path: Path) -> None:
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MADAKV_")}
     env.update({metrics.MULTIPROC_ENV: str(tmp_path), "MADAKV_KV_POLICY": "madakv"})
-    proc = subprocess.run([str(VENV_PYTHON), "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(VENV_PYTHON), "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ('madakv_reclaimed_slots_total{layout="shared",model_name="",policy="madakv",tp_rank="0"} 70.0',
-                 'madakv_reclaimed_slots_total{layout="shared",model_name="",policy="snapkv",tp_rank="0"} 30.0',
-                 'madakv_packing_waste_cells_total{layout="shared",model_name="",policy="madakv",tp_rank="0"} 12.0',
-                 'madakv_compressed_requests_total{layout="shared",model_name="",policy="snapkv",tp_rank="0"} 1.0',
-                 'madakv_compression_seconds_count{layout="shared",model_name="",policy="madakv",tp_rank="0"} 1.0'):
+    for line in (
+        'madakv_reclaimed_slots_total{layout="shared",model_name="",policy="madakv",tp_rank="0"} 70.0',
+        'madakv_reclaimed_slots_total{layout="shared",model_name="",policy="snapkv",tp_rank="0"} 30.0',
+        'madakv_packing_waste_cells_total{layout="shared",model_name="",policy="madakv",tp_rank="0"} 12.0',
+        'madakv_compressed_requests_total{layout="shared",model_name="",policy="snapkv",tp_rank="0"} 1.0',
+        'madakv_compression_seconds_count{layout="shared",model_name="",policy="madakv",tp_rank="0"} 1.0',
+    ):
         assert line in proc.stdout, proc.stdout
 
 
@@ -513,10 +611,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def free_port() -> int:
-    from madakv_sglang import serving
+    from madakv_sglang import server_process
 
-    if os.environ.get(serving.PORT_RANGE_ENV):  # a shared machine: stay in the range its user was given
-        return serving.free_port()
+    if os.environ.get(server_process.PORT_RANGE_ENV):  # a shared machine: stay in the range its user was given
+        return server_process.free_port()
     for port in PORTS:
         with socket.socket() as sock:
             try:
@@ -536,13 +634,39 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        args = ["-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
-                "--attention-backend", "torch_native", "--disable-overlap-schedule", "--max-total-tokens", "4096",
-                "--mem-fraction-static", "0.3", "--skip-tokenizer-init", "--skip-server-warmup", "--random-seed", "7",
-                "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        args = [
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(model),
+            "--device",
+            "cpu",
+            "--attention-backend",
+            "torch_native",
+            "--disable-overlap-schedule",
+            "--max-total-tokens",
+            "4096",
+            "--mem-fraction-static",
+            "0.3",
+            "--skip-tokenizer-init",
+            "--skip-server-warmup",
+            "--random-seed",
+            "7",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *extra,
+        ]
         with log.open("w") as sink:
-            self.proc = subprocess.Popen([str(VENV_PYTHON), *args], env=sglang_env(plugins), cwd=log.parent,
-                                         stdout=sink, stderr=subprocess.STDOUT, text=True)
+            self.proc = subprocess.Popen(
+                [str(VENV_PYTHON), *args],
+                env=sglang_env(plugins),
+                cwd=log.parent,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         self.family: list[psutil.Process] = []
 
     def wait_ready(self, timeout: float = 240) -> None:
@@ -623,8 +747,11 @@ def test_full_policy_server_matches_stock(server_factory: Any) -> None:
     assert "custom_params.kv_budget" in refused.text and "--kv-policy" in refused.text
     import requests  # the OpenAI routes pass custom_params (extra_body={"custom_params": ...}) the same way
 
-    completion = requests.post(full.url + "/v1/completions", timeout=60, json={
-        "model": "m", "prompt": PROMPTS[0], "max_tokens": 2, "custom_params": {"kv_policy": "snapkv"}})
+    completion = requests.post(
+        full.url + "/v1/completions",
+        timeout=60,
+        json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 2, "custom_params": {"kv_policy": "snapkv"}},
+    )
     assert completion.status_code == 400 and "custom_params.kv_policy" in completion.text, completion.text
     full.stop()
     log = full.log.read_text()  # the 400 above shows the plugin is loaded; it must have said nothing

@@ -1,8 +1,11 @@
-"""Invariants of every policy over random shapes and budgets (DESIGN §2), plus hand-computed golden cases."""
+"""Invariants of every policy over random shapes and budgets (docs/design.md §2), plus hand-computed golden cases."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -14,7 +17,10 @@ from madakv_sglang.config import ConfigError, PolicyConfig
 from madakv_sglang.layout import slot_count
 from madakv_sglang.policies import PolicyInputs, get_policy, policy_names
 from madakv_sglang.policies.base import NOT_SKIPPED, SKIP_SHORT_PROMPT, SKIP_SMALL_SAVING, skip_codes
+from madakv_sglang.policies.baselines import ADAKV_ALPHA, PYRAMID_BETA
 from madakv_sglang.policies.budget import bounded_proportional_fill
+from madakv_sglang.policies.registry import policy_options
+from madakv_sglang.settings import parse_settings
 from tests.test_spec_agreement import random_request
 
 ALL = [p for p in policy_names() if p != "h2o"] + ["h2o"]
@@ -81,18 +87,23 @@ def test_budget_caps_floor_and_window(seed, L, H, lengths, visual_frac, policy, 
         assert torch.equal(counts, sel.head_counts[r]) and torch.equal(counts, sel.all_head_counts[r])
         assert not keep[..., n:].any(), "nothing past the prompt"
         B = int(sel.budget[r])
-        assert B == (n if policy == "full" else min(cfg.budget.tokens_for(n), n)), "the budget is never raised"
-        if B >= n or policy == "full":
+        assert (n if policy == "full" else min(cfg.budget.tokens_for(n), n)) == B, "the budget is never raised"
+        if n <= B or policy == "full":
             assert keep[..., :n].all(), "budget >= n is the identity"
             continue
         window, sinks = protected_counts(B, cfg, policy)
         assert keep[..., n - window : n].all(), "kept window always kept"
         assert keep[..., :sinks].all(), "sinks always kept"
-        if window < cfg.window and B >= sinks + 2:
+        if window < cfg.window and sinks + 2 <= B:
             assert B - window - sinks >= window, "below S + 2W, at least as many tokens by score as by recency"
         assert counts.min() >= window + sinks and counts.max() <= n, "every head within [protected, n]"
         total = int(counts.sum())
-        assert int(shared[r]) == -(-total // (L * H)) <= int(slots[r]), "shared holds the mean, per-layer the max"
+        # The fewest slots whose cells hold every kept cell: of all layers together (shared), of the fullest layer
+        # (per-layer); stated as what fits, not as the code's ceiling formula.
+        m_shared, m_layer, fullest = int(shared[r]), int(slots[r]), int(counts.sum(-1).max())
+        assert (m_shared - 1) * L * H < total <= m_shared * L * H, "shared: the fewest slots that fit every cell"
+        assert (m_layer - 1) * H < fullest <= m_layer * H, "per-layer: the fewest that fit the fullest layer"
+        assert m_shared <= m_layer
         if policy == "pyramidkv":
             assert total == L * H * B
             continue
@@ -110,9 +121,14 @@ def test_budget_caps_floor_and_window(seed, L, H, lengths, visual_frac, policy, 
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 10_000), L=st.integers(1, 5), H=st.integers(1, 4),
-       lengths=st.lists(st.integers(10, 100), min_size=2, max_size=4), policy=st.sampled_from(ALL),
-       budget=st.sampled_from(["0.1", "0.3", "24"]))
+@given(
+    seed=st.integers(0, 10_000),
+    L=st.integers(1, 5),
+    H=st.integers(1, 4),
+    lengths=st.lists(st.integers(10, 100), min_size=2, max_size=4),
+    policy=st.sampled_from(ALL),
+    budget=st.sampled_from(["0.1", "0.3", "24"]),
+)
 def test_batching_does_not_change_decisions(seed, L, H, lengths, policy, budget):
     """A request decides the same alone and inside a padded batch (the engine batches requests)."""
     cfg = PolicyConfig(policy=policy, budget=budget, window=4, **COMPRESS)
@@ -124,11 +140,18 @@ def test_batching_does_not_change_decisions(seed, L, H, lengths, policy, budget)
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 10_000), L=st.integers(1, 6), H=st.integers(1, 4), n=st.integers(80, 160),
-       visual_frac=st.sampled_from([0.0, 0.4, 0.8]), budget=st.sampled_from(["0.1", "0.2", "0.3"]),
-       hcc=st.sampled_from(["global", "paper"]), mpa=st.booleans())
+@given(
+    seed=st.integers(0, 10_000),
+    L=st.integers(1, 6),
+    H=st.integers(1, 4),
+    n=st.integers(80, 160),
+    visual_frac=st.sampled_from([0.0, 0.4, 0.8]),
+    budget=st.sampled_from(["0.1", "0.2", "0.3"]),
+    hcc=st.sampled_from(["global", "paper"]),
+    mpa=st.booleans(),
+)
 def test_hcc_keeps_a_subset_of_uniform_allotment_at_the_same_slots(seed, L, H, n, visual_frac, budget, hcc, mpa):
-    """A request holds M slots, its fullest layer's cells per head, in every layer (DESIGN §3). With the default
+    """A request holds M slots, its fullest layer's cells per head, in every layer (docs/design.md §4). With the default
     uniform head split, uniform allotment at budget M (hcc off) keeps every cell HCC kept, in the same M slots:
     both select top-b per head and modality, and b only grows. So under this layout, at equal physical slots,
     HCC only ever keeps fewer cells. No sinks and B >= 2W (n >= 80, r >= 0.1), so both allotments protect the
@@ -145,8 +168,12 @@ def test_hcc_keeps_a_subset_of_uniform_allotment_at_the_same_slots(seed, L, H, n
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(40, 120), budget=st.sampled_from(["0.2", "0.3", "0.4"]),
-       hcc=st.sampled_from(["global", "paper", "off"]))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(40, 120),
+    budget=st.sampled_from(["0.2", "0.3", "0.4"]),
+    hcc=st.sampled_from(["global", "paper", "off"]),
+)
 def test_mpa_moves_budget_toward_the_attended_modality(seed, n, budget, hcc):
     """Raising a head's attention on visual tokens never lowers its visual quota, and the split follows the
     masses: |b_v - (b_h - W) * share| <= 1/2 unless a modality runs out of tokens. No sinks, and budgets of at
@@ -174,7 +201,8 @@ class ThreadComm:
     """Simulated TP ranks in threads: all-reduce and all-gather through a barrier."""
 
     def __init__(self, ranks: int):
-        self.ranks, self.barrier, self.slots = ranks, threading.Barrier(ranks), [None] * ranks
+        # A rank that never arrives fails the test instead of hanging it.
+        self.ranks, self.barrier, self.slots = ranks, threading.Barrier(ranks, timeout=60), [None] * ranks
 
     def for_rank(self, rank: int):
         comm = self
@@ -197,11 +225,19 @@ class ThreadComm:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), L=st.integers(1, 5), heads_per_rank=st.integers(1, 3),
-       ranks=st.sampled_from([2, 4]), lengths=st.lists(st.integers(8, 90), min_size=1, max_size=3),
-       policy=st.sampled_from(ALL), hcc=st.sampled_from(["global", "paper", "off"]),
-       head_split=st.sampled_from(["uniform", "demand"]))
-def test_heads_partitioned_over_ranks_give_identical_kept_sets(seed, L, heads_per_rank, ranks, lengths, policy, hcc, head_split):
+@given(
+    seed=st.integers(0, 10_000),
+    L=st.integers(1, 5),
+    heads_per_rank=st.integers(1, 3),
+    ranks=st.sampled_from([2, 4]),
+    lengths=st.lists(st.integers(8, 90), min_size=1, max_size=3),
+    policy=st.sampled_from(ALL),
+    hcc=st.sampled_from(["global", "paper", "off"]),
+    head_split=st.sampled_from(["uniform", "demand"]),
+)
+def test_heads_partitioned_over_ranks_give_identical_kept_sets(
+    seed, L, heads_per_rank, ranks, lengths, policy, hcc, head_split
+):
     cfg = PolicyConfig(policy=policy, budget="0.2", window=4, hcc=hcc, head_split=head_split, **COMPRESS)
     H = heads_per_rank * ranks
     scores, visual = batch(seed, L, H, lengths, 0.5)
@@ -224,8 +260,10 @@ def test_heads_partitioned_over_ranks_give_identical_kept_sets(seed, L, heads_pe
     for res in results:
         assert torch.equal(res.all_head_counts, whole.all_head_counts), "every rank knows every rank's counts"
         for layout in ("shared", "per-layer"):
-            assert torch.equal(slot_count(res.all_head_counts, ranks, layout=layout),
-                               slot_count(whole.all_head_counts, ranks, layout=layout))
+            assert torch.equal(
+                slot_count(res.all_head_counts, ranks, layout=layout),
+                slot_count(whole.all_head_counts, ranks, layout=layout),
+            )
 
 
 # ---- golden cases, computed by hand (see the comments) ----
@@ -233,7 +271,9 @@ def test_heads_partitioned_over_ranks_give_identical_kept_sets(seed, L, heads_pe
 
 def test_bounded_fill_golden():
     def fill(w, lo, hi, total):
-        return bounded_proportional_fill(torch.tensor([w]), torch.tensor([lo]), torch.tensor([hi]), torch.tensor([total]))[0].tolist()
+        return bounded_proportional_fill(
+            torch.tensor([w]), torch.tensor([lo]), torch.tensor([hi]), torch.tensor([total])
+        )[0].tolist()
 
     assert fill([1, 2, 3], [0, 0, 0], [10, 10, 10], 12) == [2, 4, 6]  # exactly proportional
     assert fill([1, 1, 1], [0, 0, 0], [10, 10, 10], 10) == [4, 3, 3]  # 3.33 each, remainder to the lowest index
@@ -297,15 +337,77 @@ def test_snapkv_golden():
 
 @pytest.mark.parametrize(
     "changes",
-    [dict(policy="nope"), dict(budget=0), dict(budget="-0.1"), dict(budget="1.5"), dict(window=0),
-     dict(theta=0.0), dict(hcc="x"), dict(cap=0.9), dict(pool_kernel=4), dict(min_keep=0), dict(sink=-1),
-     dict(min_prompt=-1), dict(min_reclaim=1.0), dict(min_reclaim=-0.1), dict(window_share=0.0),
-     dict(window_share=1.5), dict(layout="paged"), dict(cap=65.0)],
+    [
+        dict(budget=0),
+        dict(budget="-0.1"),
+        dict(budget="1.5"),
+        dict(window=0),
+        dict(theta=0.0),
+        dict(hcc="x"),
+        dict(cap=0.9),
+        dict(pool_kernel=4),
+        dict(min_keep=0),
+        dict(sink=-1),
+        dict(min_prompt=-1),
+        dict(min_reclaim=1.0),
+        dict(min_reclaim=-0.1),
+        dict(window_share=0.0),
+        dict(window_share=1.5),
+        dict(layout="paged"),
+        dict(cap=65.0),
+    ],
 )
 def test_invalid_config_is_refused_with_a_message(changes):
     with pytest.raises(ConfigError) as err:
         PolicyConfig(**changes)
     assert str(err.value).startswith(f"{next(iter(changes))}:"), "the message names the setting"
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"policy": "nope"}, "policy"),
+        ({"seed": "-1"}, "seed"),
+        ({"seed": "x"}, "seed"),
+        ({"pyramid_beta": "0"}, "pyramid_beta"),
+        ({"adakv_alpha": "1.5"}, "adakv_alpha"),
+        ({"cap": "0.5"}, "cap"),
+        ({"alpha": "0.3"}, "unknown policy setting 'alpha'"),
+    ],
+)
+def test_settings_are_checked_against_the_registry_at_the_edge(values, named):
+    """Policy names and policy options are known only to the registry, so ``parse_settings`` checks them."""
+    with pytest.raises(ConfigError) as err:
+        parse_settings(values)
+    assert str(err.value).startswith(named), err.value
+    if named == "policy":
+        assert "choose one of full, madakv" in str(err.value)
+
+
+def test_policy_options_have_their_policies_defaults_and_survive_the_text_form():
+    assert PYRAMID_BETA.of(PolicyConfig()) == 20 and ADAKV_ALPHA.of(PolicyConfig()) == 0.2
+    set_once = parse_settings({"policy": "adakv", "adakv_alpha": "0.35", "pyramid_beta": "20"})
+    assert set_once.options == (("adakv_alpha", 0.35),), "an option at its default is not stored"
+    assert parse_settings(set_once.to_strings()) == set_once
+    assert parse_settings({"adakv_alpha": "0.2"}) == PolicyConfig(), "equal settings give equal configs"
+    assert sorted(policy_options()) == ["adakv_alpha", "pyramid_beta", "seed"]
+
+
+def test_importing_the_config_imports_neither_torch_nor_a_policy():
+    """``config`` is a leaf: building a PolicyConfig must stay cheap in every process (a fresh interpreter)."""
+    code = (
+        "import sys; from madakv_sglang.config import PolicyConfig; PolicyConfig(); "
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('madakv_sglang.')); "
+        "print(loaded)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MADAKV_DISABLE_CPU_SHIMS": "1"},
+    ).stdout.strip()
+    assert out == "['madakv_sglang.config']", out
 
 
 def test_no_cap_and_the_layout_survive_their_text_form():
@@ -361,8 +463,7 @@ def test_streamingllm_keeps_sinks_and_recent_and_random_keeps_no_sinks():
     expected[94:] = True  # 4 sinks, then the 6 most recent
     assert torch.equal(keep, expected.expand_as(keep))
     whole = cfg.replace(window_share=1.0)  # the kept window takes all the sinks leave: 4 sinks, the last 6
-    assert torch.equal(get_policy("streamingllm").select(inputs_for(whole, scores, visual, [100]), whole).keep[0],
-                       keep)
+    assert torch.equal(get_policy("streamingllm").select(inputs_for(whole, scores, visual, [100]), whole).keep[0], keep)
     rand = cfg.replace(policy="random")
     kept = get_policy("random").select(inputs_for(rand, scores, visual, [100]), rand).keep[0]
     assert kept[..., 95:].all() and kept.sum(-1).unique().tolist() == [10]  # window 5, nothing reserved for sinks

@@ -13,7 +13,7 @@ RACE = textwrap.dedent("""
     import threading
     from madakv_sglang.policies.registry import policy_names
 
-    start, seen = threading.Barrier(8), []
+    start, seen = threading.Barrier(8, timeout=60), []  # fail, never hang, if a thread dies
 
     def look() -> None:
         start.wait()

@@ -1,4 +1,4 @@
-"""The ``shared`` layout's pool (``madakv_sglang.sglang.pool``) on SGLang's real ``MHATokenToKVPool``: every
+"""The ``shared`` layout's pool (``madakv_sglang.engine.pool``) on SGLang's real ``MHATokenToKVPool``: every
 layer's K and V are views of one allocation that SGLang's own writes land in, and a pool whose cell ids would not
 fit in int32 is refused before anything is allocated."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from madakv_sglang.engine.pool import check_cell_ids_fit, create_shared_buffers
 from madakv_sglang.layout import MAX_CELLS
-from madakv_sglang.sglang.compress import PoolView
-from madakv_sglang.sglang.pool import check_cell_ids_fit, create_shared_buffers
+from madakv_sglang.packing import PoolView
 
 LAYERS, HEADS, DIM, SIZE = 3, 2, 4, 16
 
@@ -19,8 +19,16 @@ def pool(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    return MHATokenToKVPool(size=SIZE, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                            layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+    return MHATokenToKVPool(
+        size=SIZE,
+        page_size=1,
+        dtype=torch.float32,
+        head_num=HEADS,
+        head_dim=DIM,
+        layer_num=LAYERS,
+        device="cpu",
+        enable_memory_saver=False,
+    )
 
 
 def test_sglang_writes_land_in_the_one_allocation(pool) -> None:

@@ -1,4 +1,5 @@
-"""The vectorized policies agree with the loop-by-loop spec of DESIGN §2 on random inputs (tests/spec_impl.py)."""
+"""The vectorized policies agree with the loop-by-loop spec of docs/design.md §2 on random inputs
+(tests/spec_impl.py)."""
 
 from __future__ import annotations
 
@@ -68,13 +69,44 @@ def run_package(cfg: PolicyConfig, scores: torch.Tensor, visual: torch.Tensor) -
     window_share=st.sampled_from([0.5, 0.5, 0.3, 1.0]),
 )
 def test_vectorized_policy_equals_spec(
-    seed, L, H, n, visual_frac, policy, budget, window, hcc, head_split, mpa, pooling, kernel, theta, cap, ties,
-    sink, min_prompt, min_reclaim, min_keep, window_share,
+    seed,
+    L,
+    H,
+    n,
+    visual_frac,
+    policy,
+    budget,
+    window,
+    hcc,
+    head_split,
+    mpa,
+    pooling,
+    kernel,
+    theta,
+    cap,
+    ties,
+    sink,
+    min_prompt,
+    min_reclaim,
+    min_keep,
+    window_share,
 ):
     cfg = PolicyConfig(
-        policy=policy, budget=budget, window=window, hcc=hcc, head_split=head_split, mpa=mpa,
-        pooling=pooling, pool_kernel=kernel, theta=theta, cap=cap, sink=sink, min_prompt=min_prompt,
-        min_reclaim=min_reclaim, min_keep=min_keep, window_share=window_share,
+        policy=policy,
+        budget=budget,
+        window=window,
+        hcc=hcc,
+        head_split=head_split,
+        mpa=mpa,
+        pooling=pooling,
+        pool_kernel=kernel,
+        theta=theta,
+        cap=cap,
+        sink=sink,
+        min_prompt=min_prompt,
+        min_reclaim=min_reclaim,
+        min_keep=min_keep,
+        window_share=window_share,
     )
     scores, visual = random_request(seed, L, H, n, visual_frac, ties)
     expected = spec_select(scores.tolist(), visual.tolist(), n, cfg, H)

@@ -1,5 +1,5 @@
-"""Tensor-parallel decisions over real gloo process groups (DESIGN §2-§3): ranks holding slices of the KV heads,
-replicated heads included, decide exactly what one rank holding the heads' combined scores decides; the start-up
+"""Tensor-parallel decisions over real gloo process groups (docs/design.md §2, §5): ranks holding slices of the KV
+heads, replicated heads included, decide exactly what one rank holding the heads' combined scores decides; the start-up
 check refuses ranks with different settings.
 
 Each test spawns its ranks once (torch.multiprocessing, gloo over loopback) and runs every scenario in them; the
@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from madakv_sglang.config import PolicyConfig
+from madakv_sglang.engine.tp import HeadShard, PolicyMismatchError, TensorParallelComm, check_same_policy, differences
 from madakv_sglang.layout import slot_count
+from madakv_sglang.packing import Finishing, Geometry, decide
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.scoring import reduce_gqa
-from madakv_sglang.serving import free_port
-from madakv_sglang.sglang.compress import Finishing, Geometry, decide
-from madakv_sglang.sglang.tp import HeadShard, PolicyMismatchError, TensorParallelComm, check_same_policy, differences
+from madakv_sglang.server_process import free_port
 from tests.test_spec_agreement import random_request
 
 LAYERS = 3
@@ -67,8 +67,9 @@ def _rank_main(rank: int, size: int, port: int, out_dir: str, budgets: list[str]
                 for scores, visual in request_scores(100 * index + kv_heads, kv_heads, group):
                     mine = scores[:, rank * q_per_rank : (rank + 1) * q_per_rank]
                     partial = torch.stack([reduce_gqa(layer, shard.local_heads, config.gqa) for layer in mine])
-                    requests.append(Finishing(row=0, prompt_len=scores.shape[-1], visual=visual, config=config,
-                                              scores=partial))
+                    requests.append(
+                        Finishing(row=0, prompt_len=scores.shape[-1], visual=visual, config=config, scores=partial)
+                    )
                 decisions = decide(requests, geometry, comm)
                 torch.save(
                     {
@@ -83,8 +84,9 @@ def _rank_main(rank: int, size: int, port: int, out_dir: str, budgets: list[str]
 
 
 def _spawn(size: int, out_dir: Path, budgets: list[str]) -> None:
-    mp.start_processes(_rank_main, args=(size, free_port(), str(out_dir), budgets), nprocs=size,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _rank_main, args=(size, free_port(), str(out_dir), budgets), nprocs=size, start_method="spawn", join=True
+    )
 
 
 @pytest.mark.parametrize("size", [2, 4])
@@ -119,7 +121,9 @@ def test_ranks_decide_what_one_rank_decides_from_their_gathered_scores(size: int
                 assert torch.equal(ranks[0]["all_head_counts"][i], reference.all_head_counts), where
                 for layout in ("shared", "per-layer"):
                     ranks_m = slot_count(ranks[0]["all_head_counts"][i][None], size, layout=layout)
-                    assert ranks_m.tolist() == slot_count(reference.all_head_counts[None], size, layout=layout).tolist(), where
+                    assert (
+                        ranks_m.tolist() == slot_count(reference.all_head_counts[None], size, layout=layout).tolist()
+                    ), where
                 assert all(p["keep"][i].shape[1] == local for p in ranks), where
 
 
@@ -144,12 +148,22 @@ def test_differences_name_every_differing_field() -> None:
 
 @pytest.mark.parametrize(
     ("rank", "size", "heads", "local", "offset", "replicas", "primary"),
-    [(1, 2, 4, 2, 2, 1, True), (3, 4, 2, 1, 1, 2, False), (2, 4, 2, 1, 1, 2, True), (3, 4, 1, 1, 0, 4, False),
-     (0, 1, 6, 6, 0, 1, True)],
+    [
+        (1, 2, 4, 2, 2, 1, True),
+        (3, 4, 2, 1, 1, 2, False),
+        (2, 4, 2, 1, 1, 2, True),
+        (3, 4, 1, 1, 0, 4, False),
+        (0, 1, 6, 6, 0, 1, True),
+    ],
 )
 def test_head_shards_follow_sglang(rank, size, heads, local, offset, replicas, primary) -> None:
     shard = HeadShard(tp_rank=rank, tp_size=size, total_heads=heads)
-    assert (shard.local_heads, shard.head_offset, shard.replicas, shard.is_primary) == (local, offset, replicas, primary)
+    assert (shard.local_heads, shard.head_offset, shard.replicas, shard.is_primary) == (
+        local,
+        offset,
+        replicas,
+        primary,
+    )
 
 
 def test_head_shards_refuse_uneven_splits() -> None:

@@ -84,14 +84,17 @@ def load_dataset(data_dir: Path, task: str, adv: bool = False, limit: int | None
         try:
             instruction = instructions[entry["task_instruction_id"]]
         except IndexError:
-            raise ValueError(f"{path}: sample {entry['sample_id']}: no task_instruction "
-                             f"#{entry['task_instruction_id']}") from None
-        samples.append(Sample(
-            sample_id=entry["sample_id"],
-            instruction=instruction,
-            context=instance["context"],
-            images=tuple(root / "images" / p for p in instance["images_path"]),
-            choices=None if choices is None else tuple(str(c) for c in choices),
-            response=str(entry["response"]),
-        ))
+            raise ValueError(
+                f"{path}: sample {entry['sample_id']}: no task_instruction #{entry['task_instruction_id']}"
+            ) from None
+        samples.append(
+            Sample(
+                sample_id=entry["sample_id"],
+                instruction=instruction,
+                context=instance["context"],
+                images=tuple(root / "images" / p for p in instance["images_path"]),
+                choices=None if choices is None else tuple(str(c) for c in choices),
+                response=str(entry["response"]),
+            )
+        )
     return Dataset(name, meta["question_type"], tuple(samples))

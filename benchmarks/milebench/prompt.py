@@ -48,8 +48,10 @@ class Truncation:
 
     def __post_init__(self) -> None:
         if self.max_context_tokens <= 0 or self.tokens_per_image < 0:
-            raise ValueError(f"max_context_tokens must be > 0 and tokens_per_image >= 0, got "
-                             f"{self.max_context_tokens} and {self.tokens_per_image}")
+            raise ValueError(
+                f"max_context_tokens must be > 0 and tokens_per_image >= 0, got "
+                f"{self.max_context_tokens} and {self.tokens_per_image}"
+            )
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -71,8 +73,9 @@ def milebench_context(sample: Sample, dataset: str) -> str:
     return context
 
 
-def interleave(instruction: str, context: str, images: Sequence[Path],
-               truncation: Truncation | None = None) -> list[Part]:
+def interleave(
+    instruction: str, context: str, images: Sequence[Path], truncation: Truncation | None = None
+) -> list[Part]:
     """``instruction + "\\n" + context`` with the images at the placeholders, truncated as MileBench does.
 
     Images are matched to placeholders from the end, as in MileBench. Raises ValueError when the kept context
@@ -103,9 +106,11 @@ def interleave(instruction: str, context: str, images: Sequence[Path],
     chunks.reverse()
     kept.reverse()
     if len(kept) != len(chunks) - 1 + image_first:
-        raise ValueError(f"the context has {len(chunks) - 1 + image_first} image placeholders to fill but "
-                         f"{len(kept)} images are left")
-    texts = [instruction + "\n" + ("" if image_first else chunks[0])] + chunks[(0 if image_first else 1):]
+        raise ValueError(
+            f"the context has {len(chunks) - 1 + image_first} image placeholders to fill but "
+            f"{len(kept)} images are left"
+        )
+    texts = [instruction + "\n" + ("" if image_first else chunks[0])] + chunks[(0 if image_first else 1) :]
     parts: list[Part] = [texts[0]]
     for image, text in zip(kept, texts[1:], strict=True):
         parts += [image, text]

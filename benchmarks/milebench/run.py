@@ -52,11 +52,18 @@ def image_url(path: Path, transport: Transport) -> str:
 
 
 def chat_payload(parts: Sequence[Part], client: Client) -> dict[str, Any]:
-    content = [{"type": "text", "text": part} if isinstance(part, str)
-               else {"type": "image_url", "image_url": {"url": image_url(part, client.transport)}}
-               for part in parts]
-    payload = {"model": client.model, "messages": [{"role": "user", "content": content}],
-               "temperature": 0, "max_tokens": client.max_tokens}
+    content = [
+        {"type": "text", "text": part}
+        if isinstance(part, str)
+        else {"type": "image_url", "image_url": {"url": image_url(part, client.transport)}}
+        for part in parts
+    ]
+    payload = {
+        "model": client.model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": client.max_tokens,
+    }
     return {**payload, **client.extra_body}
 
 
@@ -71,9 +78,11 @@ class Answer:
 def ask(parts: Sequence[Part], client: Client) -> Answer:
     """One chat request; HTTP errors (with the server's message), connection errors and malformed replies come
     back as ``Answer.error``."""
-    request = urllib.request.Request(client.url.rstrip("/") + "/v1/chat/completions",
-                                     data=json.dumps(chat_payload(parts, client)).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        client.url.rstrip("/") + "/v1/chat/completions",
+        data=json.dumps(chat_payload(parts, client)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=client.timeout) as response:
             body = json.loads(response.read())
@@ -99,8 +108,9 @@ class Progress:
     def advance(self, failed: bool) -> None:
         self.done += 1
         self.failed += failed
-        line = (f"milebench: {self.done}/{self.total} answered, {self.failed} failed, "
-                f"{time.monotonic() - self.start:.0f} s")
+        line = (
+            f"milebench: {self.done}/{self.total} answered, {self.failed} failed, {time.monotonic() - self.start:.0f} s"
+        )
         if self.tty:
             print("\r" + line, end="\n" if self.done == self.total else "", file=self.stream, flush=True)
         elif self.done == self.total or self.done * 10 // self.total != (self.done - 1) * 10 // self.total:
@@ -111,29 +121,48 @@ def _task_result(dataset: Dataset, answers: Sequence[Answer]) -> dict[str, Any]:
     rule = rule_for(dataset.name, dataset.question_type)
     samples, scores, levels = [], [], []
     for sample, answer in zip(dataset.samples, answers, strict=True):
-        scored = SampleScore(0.0) if answer.error else score_sample(rule, answer.text, sample.response,
-                                                                     sample.choices)
+        scored = SampleScore(0.0) if answer.error else score_sample(rule, answer.text, sample.response, sample.choices)
         level = image_level(len(sample.images))
         scores.append(scored.score)
         levels.append(level)
-        samples.append({
-            "sample_id": sample.sample_id, "level": level, "images": len(sample.images),
-            "response": sample.response, "prediction": answer.text, "score": scored.score,
-            "extracted": scored.extracted, "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens, "error": answer.error,
-        })
+        samples.append(
+            {
+                "sample_id": sample.sample_id,
+                "level": level,
+                "images": len(sample.images),
+                "response": sample.response,
+                "prediction": answer.text,
+                "score": scored.score,
+                "extracted": scored.extracted,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "error": answer.error,
+            }
+        )
     summary = summarize(scores, levels)
     return {
-        "dataset": dataset.name, "question_type": dataset.question_type, "rule": rule,
+        "dataset": dataset.name,
+        "question_type": dataset.question_type,
+        "rule": rule,
         "metric": "rouge_l_f" if rule == "rouge" else "accuracy",
-        "score": summary.score, "count": summary.count, "errors": sum(s["error"] is not None for s in samples),
+        "score": summary.score,
+        "count": summary.count,
+        "errors": sum(s["error"] is not None for s in samples),
         "levels": {level: {"score": score, "count": count} for level, (score, count) in summary.levels.items()},
         "samples": samples,
     }
 
 
-def run(data_dir: Path, tasks: Sequence[str], client: Client, adv: bool = False, limit: int | None = None,
-        truncation: Truncation | None = None, concurrency: int = 4, progress: TextIO | None = None) -> dict[str, Any]:
+def run(
+    data_dir: Path,
+    tasks: Sequence[str],
+    client: Client,
+    adv: bool = False,
+    limit: int | None = None,
+    truncation: Truncation | None = None,
+    concurrency: int = 4,
+    progress: TextIO | None = None,
+) -> dict[str, Any]:
     """Answer and score ``tasks`` (repeats dropped); returns the results document (``--out``'s JSON). Progress
     goes to ``progress`` when given.
 
@@ -146,8 +175,11 @@ def run(data_dir: Path, tasks: Sequence[str], client: Client, adv: bool = False,
         if rule_for(dataset.name, dataset.question_type) == "choice":
             for sample in dataset.samples:
                 answer_index(sample.response, sample.choices or ())
-    jobs = [(task, i, build_prompt(sample, datasets[task].name, truncation))
-            for task in tasks for i, sample in enumerate(datasets[task].samples)]
+    jobs = [
+        (task, i, build_prompt(sample, datasets[task].name, truncation))
+        for task in tasks
+        for i, sample in enumerate(datasets[task].samples)
+    ]
     missing = [part for _, _, parts in jobs for part in parts if isinstance(part, Path) and not part.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} images missing, e.g. {missing[0]}")
@@ -165,11 +197,19 @@ def run(data_dir: Path, tasks: Sequence[str], client: Client, adv: bool = False,
     task_scores = [r["score"] for r in results.values() if r["score"] is not None]
     return {
         "benchmark": "MileBench",
-        "settings": {"server": client.url, "model": client.model, "data_dir": str(data_dir), "adv": adv,
-                     "limit": limit, "max_tokens": client.max_tokens, "extra_body": client.extra_body,
-                     "transport": client.transport, "concurrency": concurrency,
-                     "max_context_tokens": None if truncation is None else truncation.max_context_tokens,
-                     "tokens_per_image": None if truncation is None else truncation.tokens_per_image},
+        "settings": {
+            "server": client.url,
+            "model": client.model,
+            "data_dir": str(data_dir),
+            "adv": adv,
+            "limit": limit,
+            "max_tokens": client.max_tokens,
+            "extra_body": client.extra_body,
+            "transport": client.transport,
+            "concurrency": concurrency,
+            "max_context_tokens": None if truncation is None else truncation.max_context_tokens,
+            "tokens_per_image": None if truncation is None else truncation.tokens_per_image,
+        },
         "average": sum(task_scores) / len(task_scores) if task_scores else None,
         "elapsed_s": round(time.monotonic() - start, 3),
         "tasks": results,

@@ -23,8 +23,29 @@ Rule = Literal["needle", "substring", "rouge", "choice"]
 Level = Literal["Few", "Medium", "Many"]
 LEVELS: tuple[Level, ...] = ("Few", "Medium", "Many")
 
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!")
+_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # MileBench writes "(?!<=\d)(\.)(?!\d)": the first group is a look-*ahead* for "<=" (a typo for a look-behind),
 # which never fires before a ".", so every period not followed by a digit goes. It also passes re.UNICODE (32)

@@ -12,5 +12,13 @@ from benchmarks.needles.suite import (
     prompt_text,
 )
 
-__all__ = ["TASKS", "NeedleConfig", "NeedleSample", "is_correct", "make_sample", "make_suite", "prompt_inputs",
-           "prompt_text"]
+__all__ = [
+    "TASKS",
+    "NeedleConfig",
+    "NeedleSample",
+    "is_correct",
+    "make_sample",
+    "make_suite",
+    "prompt_inputs",
+    "prompt_text",
+]

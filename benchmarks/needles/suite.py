@@ -34,8 +34,24 @@ from benchmarks.needles.images import COLOURS, SHAPES, background, draw_shape
 Task = Literal["text", "image", "mixed", "absent"]
 TASKS: tuple[Task, ...] = ("text", "image", "mixed", "absent")
 ABSENT_ANSWER = "none"
-KEYS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "candle", "forest", "silver",
-        "garden", "window", "dragon", "pepper", "violin")
+KEYS = (
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "rocket",
+    "candle",
+    "forest",
+    "silver",
+    "garden",
+    "window",
+    "dragon",
+    "pepper",
+    "violin",
+)
 # RULER's "repeat" haystack names colours ("The grass is green. The sky is blue. ..."); the image task's answers are
 # colours, so ours keeps its rhythm without them.
 FILLER = ("The grass is tall.", "The sky is wide.", "The sun is warm.", "Here we go.", "There and back again.")
@@ -144,8 +160,14 @@ def make_sample(config: NeedleConfig, seed: int) -> NeedleSample:
     rng = random.Random(f"{config}|{seed}")
     sentences = [rng.choice(FILLER) for _ in range(config.sentences)]
     images = [background(rng) for _ in range(config.images)]
-    meta: dict[str, Any] = {"seed": seed, "needle_sentence": None, "needle_image": None, "colour": None,
-                            "shape": None, **{k: getattr(config, k) for k in ("task", "sentences", "images", "depth")}}
+    meta: dict[str, Any] = {
+        "seed": seed,
+        "needle_sentence": None,
+        "needle_image": None,
+        "colour": None,
+        "shape": None,
+        **{k: getattr(config, k) for k in ("task", "sentences", "images", "depth")},
+    }
     answer = ABSENT_ANSWER
     if config.task in ("image", "mixed"):
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)

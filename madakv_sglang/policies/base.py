@@ -1,6 +1,6 @@
 """The one interface every policy implements, and the shared budget pipeline most of them are built from.
 
-A policy maps (scores, modality mask, budget state) to kept positions, nothing else (DESIGN §2). It runs once
+A policy maps (scores, modality mask, budget state) to kept positions, nothing else (docs/design.md §2). It runs once
 per batch of requests whose prompts just finished, batched on the device, without host syncs.
 
 Tensor-parallel runs hold a slice of the KV heads. A policy only ever communicates through ``Comm`` (one integer
@@ -141,7 +141,8 @@ class Selection:
 
 
 class Policy(Protocol):
-    """The interface of every policy in the registry."""
+    """The interface of every policy in the registry. A policy with knobs of its own also declares them as
+    ``options: tuple[PolicyOption, ...]`` (read by the registry; absent means none)."""
 
     name: str
     score_source: ScoreSource
@@ -222,8 +223,9 @@ def budget_state(inputs: PolicyInputs, cfg: PolicyConfig, sinks: bool = True) ->
     budget = torch.where(skipped != NOT_SKIPPED, n, raised_budget(n, nominal, cfg))
     sink_tokens = cfg.sink if sinks else 0
     share = cfg.window_share_fraction
-    window = torch.clamp(torch.clamp((budget - sink_tokens) * share.numerator // share.denominator, min=1),
-                         max=cfg.window)
+    window = torch.clamp(
+        torch.clamp((budget - sink_tokens) * share.numerator // share.denominator, min=1), max=cfg.window
+    )
     window = torch.minimum(window, budget)
     sink_count = torch.clamp(budget - window, max=sink_tokens)
     floor = torch.minimum(torch.clamp(window + sink_count, min=cfg.min_keep or 0), n)
@@ -247,7 +249,8 @@ def budget_state(inputs: PolicyInputs, cfg: PolicyConfig, sinks: bool = True) ->
 
 
 def ranking_scores(scores: Tensor, state: BudgetState, visual: Tensor, cfg: PolicyConfig) -> Tensor:
-    """psi pooled for ranking only, never across a modality run or into the protected tokens (DESIGN §2 step 1)."""
+    """psi pooled for ranking only, never across a modality run or into the protected tokens (docs/design.md §2
+    step 8)."""
     if cfg.pooling == "none":
         return scores
     # A segment is a maximal run of one modality; ids grow at every modality change.

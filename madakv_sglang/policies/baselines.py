@@ -3,11 +3,13 @@ budget over layers and heads; selection, the window and the floor are shared (po
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from madakv_sglang.config import PolicyOption
 from madakv_sglang.policies import budget as budget_math
 from madakv_sglang.policies.base import (
     LOCAL,
@@ -18,14 +20,35 @@ from madakv_sglang.policies.base import (
     Selection,
     budget_state,
     finish,
-    unprotected_quota,
     ranking_scores,
     uniform_heads,
+    unprotected_quota,
 )
 from madakv_sglang.policies.registry import register_policy
 
 if TYPE_CHECKING:
     from madakv_sglang.config import PolicyConfig
+
+
+def _integer_at_least(lo: int) -> Callable[[Any], str | None]:
+    def problem(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+        return None if ok else f"must be an integer >= {lo}"
+
+    return problem
+
+
+SEED = PolicyOption("seed", 0, int, _integer_at_least(0), "seed of the random policy")
+PYRAMID_BETA = PolicyOption(
+    "pyramid_beta", 20, int, _integer_at_least(1), "PyramidKV's beta: how steeply its layer budgets fall"
+)
+ADAKV_ALPHA = PolicyOption(
+    "adakv_alpha",
+    0.2,
+    float,
+    lambda value: None if 0.0 <= value <= 1.0 else "must be in [0, 1]",
+    "AdaKV's safeguard: the share of B every head keeps before the cross-head top-k",
+)
 
 
 def _positions(inputs: PolicyInputs) -> Tensor:
@@ -70,13 +93,14 @@ class RandomEviction:
 
     name = "random"
     score_source: ScoreSource = "none"
+    options = (SEED,)
 
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection:
         state = budget_state(inputs, cfg, sinks=False)
         layer = torch.arange(inputs.num_layers, device=inputs.device)[:, None, None]
         head = torch.arange(inputs.head_offset, inputs.head_offset + inputs.heads_here, device=inputs.device)
         x = _positions(inputs)[None, None, :] * 2654435761 + layer * 40503 + head[None, :, None] * 2246822519
-        x = _mix(x + cfg.seed * 3266489917)
+        x = _mix(x + SEED.of(cfg) * 3266489917)
         return _uniform_select(inputs, state, _broadcast(x[None].expand(inputs.visual.shape[0], -1, -1, -1), inputs))
 
 
@@ -136,12 +160,13 @@ class PyramidKV:
 
     name = "pyramidkv"
     score_source: ScoreSource = "window"
+    options = (PYRAMID_BETA,)
 
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection:
         assert inputs.scores is not None, "pyramidkv needs window scores"
         state = budget_state(inputs, cfg)
         layer_totals = budget_math.allot_layers_pyramid(
-            inputs.num_layers, state.prompt_len, state.budget, state.floor, inputs.total_heads, cfg.pyramid_beta
+            inputs.num_layers, state.prompt_len, state.budget, state.floor, inputs.total_heads, PYRAMID_BETA.of(cfg)
         )
         head_budget, everyone = uniform_heads(inputs, layer_totals)
         rank = ranking_scores(inputs.scores, state, inputs.visual, cfg)
@@ -158,6 +183,7 @@ class AdaKV:
 
     name = "adakv"
     score_source: ScoreSource = "window"
+    options = (ADAKV_ALPHA,)
 
     def select(self, inputs: PolicyInputs, cfg: PolicyConfig, comm: Comm = LOCAL) -> Selection:
         assert inputs.scores is not None, "adakv needs window scores"
@@ -171,7 +197,7 @@ class AdaKV:
 
 def _adaptive_head_budgets(rank: Tensor, state: BudgetState, cfg: PolicyConfig, comm: Comm, heads: int) -> Tensor:
     """``[R, L, H]`` head budgets: the safeguard plus each head's share of the layer's cross-head top-k."""
-    alpha_floor = torch.floor(cfg.adakv_alpha * state.budget.double()).long()
+    alpha_floor = torch.floor(ADAKV_ALPHA.of(cfg) * state.budget.double()).long()
     guaranteed = torch.minimum(torch.maximum(alpha_floor, state.floor), state.budget)  # [R]
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=rank.device)
     # Each head's unprotected scores, best first (later position first among equals, as in selection).

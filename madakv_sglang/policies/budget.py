@@ -1,5 +1,5 @@
-"""Budget arithmetic of DESIGN §2 steps 2-6: modality masses, demands, layer allotment (HCC), head split, modality
-split. All counts are int64 tensors and every decision is exact integer arithmetic, so TP ranks fed the same
+"""Budget arithmetic of docs/design.md §2 steps 3-7: modality masses, demands, layer allotment (HCC), head split,
+modality split. All counts are int64 tensors and every decision is exact integer arithmetic, so TP ranks fed the same
 integers agree bit for bit and no step needs a host sync.
 
 Shapes: R requests, L layers, H heads (global), H_r heads on this rank, N padded prompt length.
@@ -63,7 +63,9 @@ def bounded_proportional_fill(weights: Tensor, lo: Tensor, hi: Tensor, total: Te
     def g_at(p: Tensor, q: Tensor) -> Tensor:
         # g(p_c / q_c) * q_c for every candidate c: [..., C]; items along the last axis.
         scaled = p[..., :, None] * w[..., None, :]
-        clamped = torch.minimum(torch.maximum(scaled, q[..., :, None] * lo[..., None, :]), q[..., :, None] * hi[..., None, :])
+        clamped = torch.minimum(
+            torch.maximum(scaled, q[..., :, None] * lo[..., None, :]), q[..., :, None] * hi[..., None, :]
+        )
         return clamped.sum(dim=-1) - q * total[..., None]
 
     positive = w > 0
@@ -80,12 +82,16 @@ def bounded_proportional_fill(weights: Tensor, lo: Tensor, hi: Tensor, total: Te
     frac = torch.where(free, numer % denom, torch.full_like(numer, -1))
     short = total - base.sum(dim=-1)
     order = torch.sort(frac, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
     bump = (rank < short[..., None]) & (frac > 0)
     return base + bump.long()
 
 
-def layer_bounds(prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None) -> tuple[Tensor, Tensor]:
+def layer_bounds(
+    prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None
+) -> tuple[Tensor, Tensor]:
     """Per-layer cell bounds ``[H * floor, min(H * n, floor(cap * H * B))]`` for each request: ``[R]`` each
     (without a cap the upper bound is the prompt, ``H * n``)."""
     lo = heads * floor
@@ -95,7 +101,9 @@ def layer_bounds(prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, 
     return lo, hi
 
 
-def allot_layers_global(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None) -> Tensor:
+def allot_layers_global(
+    demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None
+) -> Tensor:
     """``hcc="global"``: water-fill L*H*B over layers in proportion to the layer demands D_l, within the bounds.
 
     Args:
@@ -109,8 +117,10 @@ def allot_layers_global(demand: Tensor, prompt_len: Tensor, budget: Tensor, floo
     return bounded_proportional_fill(demand, lo[:, None].expand_as(demand), hi[:, None].expand_as(demand), total)
 
 
-def allot_layers_paper(demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None) -> Tensor:
-    """``hcc="paper"``: the paper's layer-by-layer recurrence, in integers (DESIGN §2 step 4).
+def allot_layers_paper(
+    demand: Tensor, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, cap: Fraction | None
+) -> Tensor:
+    """``hcc="paper"``: the paper's layer-by-layer recurrence, in integers (docs/design.md §2 step 5).
 
     T_l = clamp(D_l, H*floor, min(H*n, R - (L-l)*H*floor, floor(cap * R / (L-l+1)), floor(cap * H * B))),
     R -= T_l, with R starting at L*H*B. The last term is ours: the running cap floor(cap * H * phi_l) never binds
@@ -138,7 +148,9 @@ def allot_layers_uniform(num_layers: int, budget: Tensor, heads: int) -> Tensor:
     return (heads * budget)[:, None].expand(-1, num_layers).clone()
 
 
-def allot_layers_pyramid(num_layers: int, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, beta: int) -> Tensor:
+def allot_layers_pyramid(
+    num_layers: int, prompt_len: Tensor, budget: Tensor, floor: Tensor, heads: int, beta: int
+) -> Tensor:
     """PyramidKV: per-head budgets fall linearly from 2B - B/beta at layer 0 to B/beta at the last layer.
 
     Weights w_l = (L-1) + (2*beta-2)*(L-1-l) are proportional to that line and sum to L*(L-1)*beta, so the fill
@@ -195,7 +207,9 @@ def split_modalities(
     rest = head_budget - protected[:, None, None]
     mass_sum = mass_visual + mass_text
     count_share = n_visual.double() / (n_visual + n_text).clamp(min=1).double()
-    share = torch.where(mass_sum > 0, mass_visual / torch.where(mass_sum > 0, mass_sum, 1.0), count_share[:, None, None])
+    share = torch.where(
+        mass_sum > 0, mass_visual / torch.where(mass_sum > 0, mass_sum, 1.0), count_share[:, None, None]
+    )
     b_v = torch.floor(rest.double() * share + 0.5).long()
     b_v = torch.minimum(torch.maximum(b_v, rest - n_text[:, None, None]), n_visual[:, None, None].expand_as(b_v))
     return b_v, rest - b_v

@@ -1,5 +1,5 @@
 """MadaKV (Li et al., ACL 2025, arXiv 2506.15724): modality preference adaptation + hierarchical compression
-compensation, as specified in DESIGN §2."""
+compensation, as built in docs/design.md §2."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from madakv_sglang.policies.base import (
     budget_state,
     finish,
     head_demands,
-    unprotected_quota,
     ranking_scores,
     uniform_heads,
+    unprotected_quota,
 )
 from madakv_sglang.policies.registry import register_policy
 

@@ -1,5 +1,6 @@
-"""A tiny typed registry of policies: a decorator to add one, lookups by name. Adding a policy = one class
-with ``name``, ``score_source`` and ``select`` + ``@register_policy``, and one row in the test matrix."""
+"""A tiny typed registry of policies: a decorator to add one, lookups by name, and the options policies declare.
+Adding a policy = one class with ``name``, ``score_source`` and ``select`` (and ``options`` if it has knobs of its
+own) + ``@register_policy``, and one row in the test matrix."""
 
 from __future__ import annotations
 
@@ -7,22 +8,33 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from madakv_sglang.config import ConfigError, PolicyOption
+
 if TYPE_CHECKING:
     from madakv_sglang.policies.base import Policy
 
 _POLICIES: dict[str, Policy] = {}
+_OPTIONS: dict[str, PolicyOption] = {}
 _LOADED = False
 _LOADING = threading.RLock()  # re-entrant: a policy module may look a name up while it is being imported
 T = TypeVar("T")
 
 
 def register_policy(name: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: instantiate the policy and file it under ``name`` (names are unique)."""
+    """Class decorator: instantiate the policy and file it under ``name`` (names are unique), with its options
+    (an option several policies share must be the same declaration)."""
 
     def wrap(cls: type[T]) -> type[T]:
         if name in _POLICIES:
             raise ValueError(f"policy {name!r} is registered twice")
+        options: tuple[PolicyOption, ...] = getattr(cls, "options", ())
+        for option in options:
+            if _OPTIONS.get(option.name, option) is not option:
+                raise ValueError(
+                    f"policy {name!r} declares option {option.name!r}, which another policy declares differently"
+                )
         _POLICIES[name] = cls()  # type: ignore[assignment]
+        _OPTIONS.update((option.name, option) for option in options)
         return cls
 
     return wrap
@@ -42,11 +54,18 @@ def _load_builtin() -> None:
 
 
 def get_policy(name: str) -> Policy:
+    """The policy registered as ``name``; ConfigError naming the choices when there is none."""
     _load_builtin()
     try:
         return _POLICIES[name]
     except KeyError:
-        raise KeyError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}") from None
+        raise ConfigError(f"policy: unknown {name!r}; choose one of {', '.join(policy_names())}") from None
+
+
+def policy_options() -> dict[str, PolicyOption]:
+    """Every option the registered policies declare, by name."""
+    _load_builtin()
+    return dict(_OPTIONS)
 
 
 def policy_names() -> tuple[str, ...]:

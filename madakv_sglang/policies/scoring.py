@@ -1,4 +1,4 @@
-"""Token scores: how much attention the observation window pays to each prompt token (DESIGN §2 step 1).
+"""Token scores: how much attention the observation window pays to each prompt token (docs/design.md §2 step 1).
 
 Attention kernels (FlashInfer, FA, SDPA) never return probabilities, so the W window queries are scored against
 all n keys explicitly, in fp32. Everything here is pure torch and runs on the device of its inputs.

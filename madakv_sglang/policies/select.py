@@ -1,4 +1,4 @@
-"""Selection (DESIGN §2 step 7): keep the protected tokens (sinks, kept window) plus the top-scored tokens of
+"""Selection (docs/design.md §2 step 8): keep the protected tokens (sinks, kept window) plus the top-scored tokens of
 each group up to its quota."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tensor parallelism: which KV heads a rank holds, the collectives the policies use, and the start-up check
-that every rank runs the same policy (DESIGN §2 steps 1, 3, 5; §3).
+that every rank runs the same policy (docs/design.md §2 steps 1, 4, 6; §5).
 
 SGLang shards KV heads in consecutive blocks (``QKVParallelLinear``): with H KV heads and TP size t, rank r holds
 ``H_r = max(1, H // t)`` heads starting at ``(r // replicas) * H_r``, where ``replicas = max(1, t // H)`` ranks

@@ -10,6 +10,7 @@ machines shared by several people.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -37,11 +38,15 @@ STRICT_ENV = {
     "MADAKV_DEBUG_POISON": "1",  # evicted and freed cells hold NaN: a stray read makes outputs non-finite
 }
 CPU_ARGS = [
-    "--device", "cpu",
+    "--device",
+    "cpu",
     "--disable-overlap-schedule",
-    "--mem-fraction-static", "0.3",
-    "--dtype", "float32",
-    "--host", "127.0.0.1",
+    "--mem-fraction-static",
+    "0.3",
+    "--dtype",
+    "float32",
+    "--host",
+    "127.0.0.1",
     # An idle CPU server otherwise spins a whole core polling for work, which slows every other process here.
     "--sleep-on-idle",
 ]
@@ -81,10 +86,8 @@ def free_port(environ: Mapping[str, str] | None = None) -> int:
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(group, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _group_members(group: int) -> list[int]:
@@ -124,19 +127,37 @@ class Server:
         port: the HTTP port; None picks one with :func:`free_port`.
     """
 
-    def __init__(self, model: Path | str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 startup_timeout: float = 240.0, strict: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Path | str,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 240.0,
+        strict: bool = False,
+        port: int | None = None,
+    ) -> None:
         self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *CPU_ARGS,
-                   "--port", str(self.port), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(model),
+            *CPU_ARGS,
+            "--port",
+            str(self.port),
+            *args,
+        ]
         full_env = {**os.environ, **CPU_ENV, **(STRICT_ENV if strict else {}), **(env or {})}
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         # Its own session: Ctrl-C in a terminal reaches only us, and stop() signals the whole group (the
         # launcher and the scheduler / detokenizer processes it spawns).
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
         try:
             self._wait_ready(startup_timeout)
         except BaseException:
@@ -165,22 +186,24 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def post(self, path: str, payload: dict[str, Any], timeout: float = 300.0) -> Any:
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
         return json.loads(body) if body.strip() else None
 
     def stream(self, path: str, payload: dict[str, Any], timeout: float = 300.0) -> Iterator[Any]:
         """POST and yield each server-sent ``data:`` event as JSON, up to ``[DONE]``."""
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             for raw in response:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     return
                 yield json.loads(data)

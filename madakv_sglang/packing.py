@@ -1,10 +1,10 @@
-"""Decide and pack, once per batch, for the requests whose prompt just finished (DESIGN §2-§3).
+"""Decide and pack, once per batch, for the requests whose prompt just finished (docs/design.md §2, §4).
 
-Engine-free: it takes the scores the backend gathered, the request rows' slots and the pool's K/V buffers
-(:class:`PoolView`), runs the policy (grouped by configuration, since requests may override it), lays the kept
-cells out in each request's first M slots (``layout``: per layer, or shared across layers) and returns what the
-scheduler must free. The caller zeroes nothing and frees
-nothing; ``PackedRow.pending_free`` says which slots to give back.
+Engine-free; the backend calls it. It takes the scores the backend gathered, the request rows' slots and the
+pool's K/V buffers (:class:`PoolView`), runs the policy (grouped by configuration, since requests may override
+it), lays the kept cells out in each request's first M slots (``layout``: per layer, or shared across layers)
+and returns what the scheduler must free. The caller zeroes nothing and frees nothing; ``PackedRow.pending_free``
+says which slots to give back.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from madakv_sglang.kernels.pack import layer_stack_view, pack_cells, pack_moves,
 from madakv_sglang.layout import PackPlan, pack_plan, packing_waste, slot_count
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, Comm, PolicyInputs, skip_codes
-from madakv_sglang.sglang.ledger import PackedRow, Replay
 
 POISON_ENV = "MADAKV_DEBUG_POISON"
 
@@ -29,6 +28,42 @@ POISON_ENV = "MADAKV_DEBUG_POISON"
 def poison_enabled() -> bool:
     """Debug mode: evicted and freed cells are overwritten with NaN so any read of them shows in the output."""
     return os.environ.get(POISON_ENV, "0") not in ("", "0", "false", "off")
+
+
+@dataclass
+class PackedRow:
+    """A request whose prompt was compressed: where its kept cells are and what it gave back.
+
+    Attributes:
+        prompt_len: n, positions ``[0, n)`` were compressed; decode tokens from n on are dense.
+        slots: M, the slots ``req_to_token[row, :M]`` that hold the packed cells.
+        cells: per layer ``[C_l]`` cell ids ordered by head (``madakv_sglang.layout``: ``slot * H_r + column`` of the
+            layer's buffer under ``per-layer``, ids into the all-layer allocation under ``shared``).
+        indptr: ``[L, H_r + 1]`` head h of layer l owns ``cells[l][indptr[l, h]:indptr[l, h + 1]]``.
+        pending_free: slots ``req_to_token[row, M:n]`` held until the scheduler returns them
+            (``None`` once freed); the row already points them at the padding slot 0.
+        evicted: slots returned to the allocator so far (what the accounting hook subtracts).
+        waste_cells: empty cells inside the M slots over all layers.
+        compress_seconds: wall time of policy + pack for the batch this row was part of.
+    """
+
+    prompt_len: int
+    slots: int
+    cells: list[Tensor]
+    indptr: Tensor
+    pending_free: Tensor | None
+    waste_cells: int
+    compress_seconds: float
+    evicted: int = 0
+
+
+@dataclass
+class Replay:
+    """A decision kept for re-prefill after a retraction: ``keep [L, H_r, n0]`` over the original prompt and
+    every rank's head counts ``[L, H]`` (what the slot count needs)."""
+
+    keep: Tensor
+    all_head_counts: Tensor
 
 
 @dataclass
@@ -247,15 +282,17 @@ def pack_batch(
         row, slots, plan = planned
         n = request.prompt_len
         waste = int(packing_waste(decision.all_head_counts[None], torch.tensor([slots]))[0])
-        out.append(PackedRow(
-            prompt_len=n,
-            slots=slots,
-            cells=plan.dst,
-            indptr=plan.indptr,
-            pending_free=rows_map[row, slots:n].clone(),
-            waste_cells=waste,
-            compress_seconds=seconds,
-        ))
+        out.append(
+            PackedRow(
+                prompt_len=n,
+                slots=slots,
+                cells=plan.dst,
+                indptr=plan.indptr,
+                pending_free=rows_map[row, slots:n].clone(),
+                waste_cells=waste,
+                compress_seconds=seconds,
+            )
+        )
     return out
 
 
@@ -269,8 +306,10 @@ def _poison_unused(pool: PoolView, target_slots: Tensor, plan: PackPlan) -> None
         every = (layers + every[None, :]).reshape(-1)
         targets = [(pool.k_cells, pool.v_cells, every, torch.cat(plan.dst))]
     else:
-        targets = [(k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1]), every, used)
-                   for k, v, used in zip(pool.k_layers, pool.v_layers, plan.dst, strict=True)]
+        targets = [
+            (k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1]), every, used)
+            for k, v, used in zip(pool.k_layers, pool.v_layers, plan.dst, strict=True)
+        ]
     for k_cells, v_cells, cells, used in targets:
         empty = cells[~torch.isin(cells, used)]
         k_cells[empty] = float("nan")

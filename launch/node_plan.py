@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from madakv_sglang.launch import LaunchError
 from madakv_sglang.launch.cli import Options, ServerFlags
 from madakv_sglang.launch.hosts import check_port, is_loopback, is_this_machine, machine_key, resolvable, split_address
-from madakv_sglang.serving import free_port
+from madakv_sglang.server_process import free_port
 
 # The rendezvous port when node 0 is another machine, where no free port can be looked up from here.
 DEFAULT_DIST_PORT = 50000
@@ -105,8 +105,10 @@ def check_topology(server: ServerFlags, nnodes: int) -> None:
         raise LaunchError(f"--nnodes {server.nnodes} conflicts with the {nnodes} nodes given")
     if (server.tp_size * server.pp_size) % nnodes:
         ranks = f"--tp {server.tp_size}" + (f" x --pp-size {server.pp_size}" if server.pp_size != 1 else "")
-        raise LaunchError(f"{ranks} ranks cannot be split evenly over {nnodes} nodes: SGLang needs "
-                          f"tp_size * pp_size divisible by the node count")
+        raise LaunchError(
+            f"{ranks} ranks cannot be split evenly over {nnodes} nodes: SGLang needs "
+            f"tp_size * pp_size divisible by the node count"
+        )
 
 
 def _free_dist_port(environ: Mapping[str, str], taken: Sequence[int]) -> int:
@@ -127,7 +129,7 @@ def _url_host(host: str) -> str:
 def build_plan(options: Options, environ: Mapping[str, str], check_in_use: bool) -> Plan:
     """Validate ``options`` (several nodes) and lay out every node; ``check_in_use`` also refuses ports that
     something here already listens on (for a launch; a printed command may run later)."""
-    from madakv_sglang.sglang.plugin import split_kv_argv
+    from madakv_sglang.engine.plugin import split_kv_argv
 
     hosts, server = options.nodes, options.server
     nnodes = len(hosts)
@@ -153,41 +155,73 @@ def build_plan(options: Options, environ: Mapping[str, str], check_in_use: bool)
         dist_port = DEFAULT_DIST_PORT
         if is_this_machine(dist_host):
             dist_port = _free_dist_port(environ, ports)
-    clash = [rank for rank, host in enumerate(hosts)
-             if ports[rank] == dist_port and machine_key(host) == machine_key(dist_host)]
+    clash = [
+        rank
+        for rank, host in enumerate(hosts)
+        if ports[rank] == dist_port and machine_key(host) == machine_key(dist_host)
+    ]
     if clash:
-        raise LaunchError(f"the dist-init port {dist_port} is also node {clash[0]}'s HTTP port (--port); "
-                          "choose another --port or --dist-init-addr")
+        raise LaunchError(
+            f"the dist-init port {dist_port} is also node {clash[0]}'s HTTP port (--port); "
+            "choose another --port or --dist-init-addr"
+        )
     away = [f"node {rank} ({host})" for rank, host in enumerate(hosts) if not is_this_machine(host)]
     if is_loopback(dist_host) and away:
-        raise LaunchError(f"the dist-init address {dist_host}:{dist_port} is loopback, which {', '.join(away)} "
-                          "cannot reach; name node 0 by a routable host, or give --dist-init-addr")
+        raise LaunchError(
+            f"the dist-init address {dist_host}:{dist_port} is loopback, which {', '.join(away)} "
+            "cannot reach; name node 0 by a routable host, or give --dist-init-addr"
+        )
     if check_in_use:
-        busy = [f"{ports[rank]} (node {rank}'s HTTP port)" for rank, host in enumerate(hosts)
-                if is_this_machine(host) and port_in_use(ports[rank])]
+        busy = [
+            f"{ports[rank]} (node {rank}'s HTTP port)"
+            for rank, host in enumerate(hosts)
+            if is_this_machine(host) and port_in_use(ports[rank])
+        ]
         if is_this_machine(dist_host) and port_in_use(dist_port):
             busy.append(f"{dist_port} (the dist-init port)")
         if busy:
             raise LaunchError(f"port {', '.join(busy)} already in use on this machine")
 
     if not is_this_machine(hosts[0]) and is_loopback(server.host):
-        raise LaunchError(f"node 0 ({hosts[0]}) is another machine and its HTTP server would listen on "
-                          f"{server.host} (--host), which the launcher cannot reach; pass --host 0.0.0.0")
-    ready_host = server.host if server.host not in WILDCARD_HOSTS else (
-        "127.0.0.1" if is_this_machine(hosts[0]) else hosts[0])
+        raise LaunchError(
+            f"node 0 ({hosts[0]}) is another machine and its HTTP server would listen on "
+            f"{server.host} (--host), which the launcher cannot reach; pass --host 0.0.0.0"
+        )
+    ready_host = (
+        server.host if server.host not in WILDCARD_HOSTS else ("127.0.0.1" if is_this_machine(hosts[0]) else hosts[0])
+    )
     dist_init_addr = f"{_url_host(dist_host)}:{dist_port}"
 
     here = local_ranks(options.local_node_rank, hosts)
     common_env = forwarded_env(environ, options.env)
     extra_env = node_env(options.node_env, nnodes)
     nodes = tuple(
-        Node(rank=rank, host=host, local=rank in here, port=ports[rank],
-             argv=(*server.argv, "--port", str(ports[rank]), "--nnodes", str(nnodes), "--node-rank", str(rank),
-                   "--dist-init-addr", dist_init_addr),
-             env={**common_env, **extra_env.get(rank, {})})
+        Node(
+            rank=rank,
+            host=host,
+            local=rank in here,
+            port=ports[rank],
+            argv=(
+                *server.argv,
+                "--port",
+                str(ports[rank]),
+                "--nnodes",
+                str(nnodes),
+                "--node-rank",
+                str(rank),
+                "--dist-init-addr",
+                dist_init_addr,
+            ),
+            env={**common_env, **extra_env.get(rank, {})},
+        )
         for rank, host in enumerate(hosts)
     )
-    return Plan(nodes=nodes, dist_init_addr=dist_init_addr,
-                ready_url=f"http://{_url_host(ready_host)}:{ports[0]}", kv_argv=tuple(split_kv_argv(server.argv)[0]),
-                remote_prefix=options.remote_prefix, remote_python=options.remote_python,
-                remote_cwd=options.remote_cwd)
+    return Plan(
+        nodes=nodes,
+        dist_init_addr=dist_init_addr,
+        ready_url=f"http://{_url_host(ready_host)}:{ports[0]}",
+        kv_argv=tuple(split_kv_argv(server.argv)[0]),
+        remote_prefix=options.remote_prefix,
+        remote_python=options.remote_python,
+        remote_cwd=options.remote_cwd,
+    )

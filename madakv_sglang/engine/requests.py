@@ -18,15 +18,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from madakv_sglang.config import POLICY_FIELDS, ConfigError, PolicyConfig
-from madakv_sglang.sglang.settings import check_servable, is_compressing, servable_policy_names
+from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.engine.environment import check_servable, is_compressing, servable_policy_names
+from madakv_sglang.settings import parse_settings, setting_names
 
 KEY_PREFIX = "kv_"
-OVERRIDE_KEYS: tuple[str, ...] = tuple(KEY_PREFIX + name for name in POLICY_FIELDS)
 # SGLang 0.5.23 cannot prefill an empty prompt: on M-RoPE models (Qwen2-VL, Qwen2.5-VL) the scheduler dies on a
 # 0-element reshape and takes the server with it (docs/known-issues.md). A compressing server refuses it instead.
-EMPTY_PROMPT = ("madakv: the prompt is empty (0 tokens); send at least one token. SGLang 0.5.23 cannot prefill an "
-                "empty prompt (on Qwen2-VL its scheduler dies), so a --kv-policy server refuses it")
+EMPTY_PROMPT = (
+    "madakv: the prompt is empty (0 tokens); send at least one token. SGLang 0.5.23 cannot prefill an "
+    "empty prompt (on Qwen2-VL its scheduler dies), so a --kv-policy server refuses it"
+)
 _MULTIMODAL_FIELDS = ("image_data", "video_data", "audio_data", "input_embeds")
 
 
@@ -58,12 +60,13 @@ def request_config(custom_params: Mapping[str, Any] | None, base: PolicyConfig) 
         )
     values: dict[str, str | None] = {}
     for key in keys:
-        name = key[len(KEY_PREFIX):]
-        if name not in POLICY_FIELDS:
-            raise ConfigError(f"custom_params.{key}: unknown setting; known: {', '.join(OVERRIDE_KEYS)}")
+        name = key[len(KEY_PREFIX) :]
+        if name not in setting_names():
+            known = ", ".join(KEY_PREFIX + known for known in setting_names())
+            raise ConfigError(f"custom_params.{key}: unknown setting; known: {known}")
         values[name] = _as_text(key, custom_params[key])
     try:
-        config = PolicyConfig.from_strings(values, base=base)
+        config = parse_settings(values, base=base)
         check_servable(config)
     except ConfigError as err:
         raise ConfigError(f"custom_params.{_rename(str(err))}") from None
@@ -88,7 +91,7 @@ def _as_text(key: str, value: Any) -> str | None:
 def _rename(message: str) -> str:
     """``budget: ...`` -> ``kv_budget: ...`` so the error names the key the client sent."""
     head, sep, rest = message.partition(":")
-    if sep and head in POLICY_FIELDS:
+    if sep and head in setting_names():
         return f"{KEY_PREFIX}{head}:{rest}"
     return message
 

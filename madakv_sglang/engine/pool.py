@@ -1,4 +1,4 @@
-"""The ``shared`` layout's pool: every layer's K and V buffers as views of one allocation (DESIGN §3).
+"""The ``shared`` layout's pool: every layer's K and V buffers as views of one allocation (docs/design.md §4).
 
 SGLang's ``MHATokenToKVPool._create_buffers_normal`` gives each layer its own ``[2, rows, H_r, D]`` tensor (K and
 V halves). With ``--kv-layout shared`` an AROUND hook (installed by ``reclaim``) allocates ``[2, L, rows, H_r, D]``
@@ -55,13 +55,17 @@ def create_shared_buffers(pool: Any) -> None:
             values = torch.zeros((pool.layer_num, *v_shape), dtype=pool.store_dtype, device=pool.device)
     pool.k_buffer = list(keys.unbind(0))
     pool.v_buffer = list(values.unbind(0))
-    logger.info("madakv: KV pool of %d layers x %d slots x %d KV heads allocated as one block of cells (layout shared)",
-                pool.layer_num, k_shape[0], k_shape[1])
+    logger.info(
+        "madakv: KV pool of %d layers x %d slots x %d KV heads allocated as one block of cells (layout shared)",
+        pool.layer_num,
+        k_shape[0],
+        k_shape[1],
+    )
 
 
 def around_create_buffers_normal(original: Any, pool: Any, *args: Any, **kwargs: Any) -> Any:
     """The hook on ``MHATokenToKVPool._create_buffers_normal``: the server's layout decides."""
-    from madakv_sglang.sglang.reclaim import server_config
+    from madakv_sglang.engine.environment import server_config
 
     if server_config().layout != "shared":
         return original(pool, *args, **kwargs)

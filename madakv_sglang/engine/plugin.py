@@ -7,7 +7,7 @@ What it wires, all through SGLang's extension points (no file of SGLang is patch
 - ``--attention-backend madakv``: a choice and a lazily imported factory (``backend.create_backend``).
 - ``--kv-*`` flags: shown in ``python -m sglang.launch_server --help`` (AFTER hook on ``ServerArgs.add_cli_args``),
   parsed, validated and stripped by an AROUND hook on ``prepare_server_args``, and handed to every process as
-  ``MADAKV_KV_*`` environment variables (``settings``). ``sglang serve --help`` prints before plugins load, so it
+  ``MADAKV_KV_*`` environment variables (``environment``). ``sglang serve --help`` prints before plugins load, so it
   does not list them; ``sglang serve`` itself accepts them.
 - Three resolution hooks (``sglang/srt/arg_groups/pipeline.py``), which run in the launching process for
   ``launch_server``, ``sglang serve`` and ``sglang.Engine`` alike, before anything is spawned:
@@ -37,8 +37,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from madakv_sglang.config import POLICY_FIELDS, ConfigError, PolicyConfig, add_policy_arguments, policy_flag
-from madakv_sglang.sglang import settings
+from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.engine import environment
+from madakv_sglang.settings import add_setting_arguments, flag_name, parse_settings, setting_names
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,11 @@ def register() -> None:
     register_resolution_hook(LAST_STEP)(_check_final)
 
     if not _spawned_by_sglang():  # the HTTP server runs in the launching process; schedulers need not import it
-        HookRegistry.register(f"{HTTP_SERVER}.serve_generate_request", _around_serve_generate_request,
-                              HookType.AROUND)
+        HookRegistry.register(f"{HTTP_SERVER}.serve_generate_request", _around_serve_generate_request, HookType.AROUND)
         for target in OPENAI_CONVERTERS:
             HookRegistry.register(target, _after_convert_to_internal_request, HookType.AFTER)
 
-    if settings.env_may_compress():
+    if environment.env_may_compress():
         _install_scheduler_hooks()
 
 
@@ -109,22 +109,23 @@ def _install_scheduler_hooks() -> None:
     kept and raised by the backend factory, which fails the scheduler's start with the message."""
     global _scheduler_hooks_error
     try:
-        config = settings.config_from_env()
+        config = environment.server_config()
     except ConfigError:
         return  # the launcher's resolution step refuses this configuration with the message
-    if not settings.is_compressing(config):
+    if not environment.is_compressing(config):
         return
-    if not os.environ.get(settings.BASE_BACKEND_ENV) and _spawned_by_sglang():
+    if not os.environ.get(environment.BASE_BACKEND_ENV) and _spawned_by_sglang():
         logger.warning(
             "madakv: %s=%s is set, but these server arguments were not resolved with the madakv plugin loaded "
             "(e.g. a benchmark script that parses ServerArgs before loading plugins); SGLang runs stock here",
-            settings.env_name("policy"), config.policy,
+            environment.env_name("policy"),
+            config.policy,
         )
     try:
-        from madakv_sglang.sglang.reclaim import install_hooks
+        from madakv_sglang.engine.reclaim import install_hooks
     except ImportError as err:
         _scheduler_hooks_error = (
-            f"madakv: --kv-policy {config.policy} needs the scheduler hooks of madakv_sglang.sglang.reclaim, which "
+            f"madakv: --kv-policy {config.policy} needs the scheduler hooks of madakv_sglang.engine.reclaim, which "
             f"failed to import ({err}); reinstall madakv-sglang"
         )
         logger.error(_scheduler_hooks_error)
@@ -143,7 +144,7 @@ def _create_backend(model_runner: Any) -> Any:
     """``ATTENTION_BACKENDS["madakv"]``: imported on first use so that register() stays light."""
     if _scheduler_hooks_error is not None:
         raise RuntimeError(_scheduler_hooks_error)
-    from madakv_sglang.sglang.backend import create_backend
+    from madakv_sglang.engine.backend import create_backend
 
     return create_backend(model_runner)
 
@@ -153,16 +154,16 @@ def _create_backend(model_runner: Any) -> Any:
 
 def add_kv_arguments(parser: Any) -> None:
     """The ``--kv-*`` flags on an argparse parser or group; every default is None ("not given")."""
-    choices = settings.servable_policy_names()
+    choices = environment.servable_policy_names()
     parser.add_argument(
-        policy_flag("policy", FLAG_PREFIX),
+        flag_name("policy", FLAG_PREFIX),
         dest=FLAG_PREFIX.replace("-", "_") + "policy",
         default=None,
         metavar="{" + ",".join(choices) + "}",
         help="KV-cache eviction policy; 'full' keeps every token and runs stock SGLang (default: full). "
         "The other --kv-* flags apply to the compressing policies.",
     )
-    add_policy_arguments(parser, prefix=FLAG_PREFIX, fields=tuple(f for f in POLICY_FIELDS if f != "policy"))
+    add_setting_arguments(parser, prefix=FLAG_PREFIX, names=tuple(n for n in setting_names() if n != "policy"))
 
 
 def _after_add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
@@ -178,7 +179,7 @@ def split_kv_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     ``--config`` YAML merge produces. A following token that starts with ``--`` is not taken as a value, so
     argparse reports the missing value.
     """
-    flags = {policy_flag(name, FLAG_PREFIX) for name in POLICY_FIELDS}
+    flags = {flag_name(name, FLAG_PREFIX) for name in setting_names()}
     ours: list[str] = []
     rest: list[str] = []
     i = 0
@@ -203,7 +204,7 @@ def split_kv_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def program_name() -> str:
     """The command the user ran, for argparse's ``PROG: error:`` line: ``python -m sglang.launch_server``,
-    ``sglang serve``, ``python -m madakv_sglang.sglang.offline_throughput``, ... (argparse's own default is the
+    ``sglang serve``, ``python -m madakv_sglang.engine.offline_throughput``, ... (argparse's own default is the
     file name, ``launch_server.py``)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:  # run with -m
@@ -227,9 +228,9 @@ def config_from_kv_argv(kv_argv: Sequence[str], prog: str | None = None) -> Poli
     add_kv_arguments(parser)
     namespace = parser.parse_args(list(kv_argv))
     policy = namespace.kv_policy
-    servable = settings.servable_policy_names()
+    servable = environment.servable_policy_names()
     if policy is not None and policy not in servable:
-        if policy in settings.HF_ONLY_POLICIES:
+        if policy in environment.HF_ONLY_POLICIES:
             parser.error(
                 f"argument --kv-policy: {policy!r} needs the attention of every prompt query, which a serving "
                 f"prefill does not compute; it runs in the HF path only (madakv_sglang.hf). Choose one of "
@@ -237,16 +238,16 @@ def config_from_kv_argv(kv_argv: Sequence[str], prog: str | None = None) -> Poli
             )
         parser.error(f"argument --kv-policy: invalid choice: {policy!r} (choose from {', '.join(servable)})")
     try:
-        base = settings.config_from_env()
+        base = environment.server_config()
     except ConfigError as err:
         parser.error(str(err))
-    values = {name: getattr(namespace, "kv_" + name) for name in POLICY_FIELDS}
+    values = {name: getattr(namespace, "kv_" + name) for name in setting_names()}
     try:
-        config = PolicyConfig.from_strings(values, base=base)
-        settings.check_servable(config)
+        config = parse_settings(values, base=base)
+        environment.check_servable(config)
     except ConfigError as err:
         parser.error(_flag_message(str(err)))
-    if not settings.is_compressing(config) and policy is None:
+    if not environment.is_compressing(config) and policy is None:
         given = sorted({arg.split("=")[0] for arg in kv_argv if arg.startswith("--")})
         parser.error(
             f"{', '.join(given)} set the compressing policies' knobs, but no --kv-policy is given and the default "
@@ -258,8 +259,8 @@ def config_from_kv_argv(kv_argv: Sequence[str], prog: str | None = None) -> Poli
 def _flag_message(message: str) -> str:
     """``budget: ...`` -> ``argument --kv-budget: ...``."""
     head, sep, rest = message.partition(":")
-    if sep and head in POLICY_FIELDS:
-        return f"argument {policy_flag(head, FLAG_PREFIX)}:{rest}"
+    if sep and head in setting_names():
+        return f"argument {flag_name(head, FLAG_PREFIX)}:{rest}"
     return message
 
 
@@ -273,7 +274,7 @@ def _around_prepare_server_args(original: Callable[..., Any], argv: Sequence[str
     config = config_from_kv_argv(kv_argv)
     server_args = original(rest, *args, **kwargs)
     if config is not None:
-        settings.config_to_env(config)
+        environment.config_to_env(config)
     setattr(server_args, _CLI_MARK, True)
     return server_args
 
@@ -307,7 +308,7 @@ def _refuse(server_args: Any, problems: Sequence[str]) -> NoReturn:
 
 def _configured(server_args: Any) -> PolicyConfig:
     try:
-        return settings.config_from_env()
+        return environment.server_config()
     except ConfigError as err:
         _refuse(server_args, [str(err)])
 
@@ -317,7 +318,7 @@ def _uses_our_backend(cfg: Any) -> bool:
 
 
 def unsupported_settings(cfg: Any, config: PolicyConfig) -> list[str]:
-    """Why ``cfg`` (a resolving view of ServerArgs) cannot run ``config``; empty when it can (DESIGN §3)."""
+    """Why ``cfg`` (a resolving view of ServerArgs) cannot run ``config``; empty when it can (docs/design.md §7)."""
     policy = f"--kv-policy {config.policy}"
     problems = []
 
@@ -325,35 +326,74 @@ def unsupported_settings(cfg: Any, config: PolicyConfig) -> list[str]:
         if condition:
             problems.append(f"{what} is not supported with {policy}: {why}")
 
-    refuse(bool(cfg.enable_mixed_chunk), "--enable-mixed-chunk",
-           "prompts are compressed after their last prefill chunk, which a mixed prefill/decode batch interleaves "
-           "with decoding")
-    refuse(cfg.attn_dp_size > 1, f"DP attention (--attn-dp-size {cfg.attn_dp_size} / --enable-dp-attention)",
-           "the packed KV layout assumes every attention rank holds every request")
-    refuse(cfg.pp_size > 1, f"pipeline parallelism (--pp-size {cfg.pp_size})",
-           "the per-layer budgets need every layer's demand on one rank")
-    refuse(cfg.attn_cp_size > 1 or cfg.dcp_size > 1, "context parallelism (--attn-cp-size / --dcp-size)",
-           "the window scores need the whole prompt's keys on each rank")
-    refuse(cfg.kv_cache_dtype not in ("auto", "bf16", "bfloat16"), f"--kv-cache-dtype {cfg.kv_cache_dtype}",
-           "the packed cells and the head-wise decode handle unquantized KV only; use auto or bf16")
-    refuse(cfg.speculative_algorithm is not None, f"speculative decoding ({cfg.speculative_algorithm})",
-           "draft and verify passes would read evicted positions")
-    refuse(cfg.disaggregation_mode != "null", f"PD disaggregation (--disaggregation-mode {cfg.disaggregation_mode})",
-           "the KV transfer sends whole prompts, not packed cells")
-    refuse(bool(cfg.enable_hierarchical_cache), "HiCache (--enable-hierarchical-cache)",
-           "it offloads and restores the radix tree's KV, which compression takes out of the tree")
-    refuse(bool(cfg.enable_streaming_session), "--enable-streaming-session",
-           "a session extends a previous request's KV, which compression has packed")
-    refuse(cfg.tokenizer_worker_num > 1, f"--tokenizer-worker-num {cfg.tokenizer_worker_num}",
-           "SGLang's extra tokenizer workers do not load plugins, so per-request overrides would reach the "
-           "scheduler unchecked")
+    refuse(
+        bool(cfg.enable_mixed_chunk),
+        "--enable-mixed-chunk",
+        "prompts are compressed after their last prefill chunk, which a mixed prefill/decode batch interleaves "
+        "with decoding",
+    )
+    refuse(
+        cfg.attn_dp_size > 1,
+        f"DP attention (--attn-dp-size {cfg.attn_dp_size} / --enable-dp-attention)",
+        "the packed KV layout assumes every attention rank holds every request",
+    )
+    refuse(
+        cfg.pp_size > 1,
+        f"pipeline parallelism (--pp-size {cfg.pp_size})",
+        "the per-layer budgets need every layer's demand on one rank",
+    )
+    refuse(
+        cfg.attn_cp_size > 1 or cfg.dcp_size > 1,
+        "context parallelism (--attn-cp-size / --dcp-size)",
+        "the window scores need the whole prompt's keys on each rank",
+    )
+    refuse(
+        cfg.kv_cache_dtype not in ("auto", "bf16", "bfloat16"),
+        f"--kv-cache-dtype {cfg.kv_cache_dtype}",
+        "the packed cells and the head-wise decode handle unquantized KV only; use auto or bf16",
+    )
+    refuse(
+        cfg.speculative_algorithm is not None,
+        f"speculative decoding ({cfg.speculative_algorithm})",
+        "draft and verify passes would read evicted positions",
+    )
+    refuse(
+        cfg.disaggregation_mode != "null",
+        f"PD disaggregation (--disaggregation-mode {cfg.disaggregation_mode})",
+        "the KV transfer sends whole prompts, not packed cells",
+    )
+    refuse(
+        bool(cfg.enable_hierarchical_cache),
+        "HiCache (--enable-hierarchical-cache)",
+        "it offloads and restores the radix tree's KV, which compression takes out of the tree",
+    )
+    refuse(
+        bool(cfg.enable_streaming_session),
+        "--enable-streaming-session",
+        "a session extends a previous request's KV, which compression has packed",
+    )
+    refuse(
+        cfg.tokenizer_worker_num > 1,
+        f"--tokenizer-worker-num {cfg.tokenizer_worker_num}",
+        "SGLang's extra tokenizer workers do not load plugins, so per-request overrides would reach the "
+        "scheduler unchecked",
+    )
     page_size = cfg.page_size
-    refuse(page_size is not None and page_size > 1, f"--page-size {page_size}",
-           "packed cells need one token per page; leave --page-size unset (madakv uses 1)")
-    split = [f"--{name.replace('_', '-')} {getattr(cfg, name)}"
-             for name in ("prefill_attention_backend", "decode_attention_backend") if getattr(cfg, name) is not None]
-    refuse(bool(split), " and ".join(split),
-           "madakv runs one backend for prefill and decode; choose its dense base with --attention-backend")
+    refuse(
+        page_size is not None and page_size > 1,
+        f"--page-size {page_size}",
+        "packed cells need one token per page; leave --page-size unset (madakv uses 1)",
+    )
+    split = [
+        f"--{name.replace('_', '-')} {getattr(cfg, name)}"
+        for name in ("prefill_attention_backend", "decode_attention_backend")
+        if getattr(cfg, name) is not None
+    ]
+    refuse(
+        bool(split),
+        " and ".join(split),
+        "madakv runs one backend for prefill and decode; choose its dense base with --attention-backend",
+    )
     return problems
 
 
@@ -364,12 +404,17 @@ def _refuse_unsupported(server_args: Any, previous: Callable[[Any], None]) -> No
     previous(server_args)  # turns the deprecated --enable-dp-attention into attn_dp_size first
     config = _configured(server_args)
     cfg = resolving_view(server_args)
-    if not settings.is_compressing(config):
-        os.environ.pop(settings.BASE_BACKEND_ENV, None)
+    if not environment.is_compressing(config):
+        os.environ.pop(environment.BASE_BACKEND_ENV, None)
         if _uses_our_backend(cfg):
-            choices = ",".join(p for p in settings.servable_policy_names() if p != "full")
-            _refuse(server_args, [f"--attention-backend {BACKEND_NAME} needs a compressing policy: add "
-                                  f"--kv-policy {{{choices}}} (the default 'full' runs SGLang's own backends)"])
+            choices = ",".join(p for p in environment.servable_policy_names() if p != "full")
+            _refuse(
+                server_args,
+                [
+                    f"--attention-backend {BACKEND_NAME} needs a compressing policy: add "
+                    f"--kv-policy {{{choices}}} (the default 'full' runs SGLang's own backends)"
+                ],
+            )
         return
     problems = unsupported_settings(cfg, config)
     if problems:
@@ -387,19 +432,29 @@ def _force_settings(server_args: Any, previous: Callable[[Any], None]) -> None:
 
     previous(server_args)
     config = _configured(server_args)
-    if not settings.is_compressing(config):
+    if not environment.is_compressing(config):
         return
     view = resolved_view(server_args)
     if use_mla_backend(view):
-        _refuse(server_args, [f"--kv-policy {config.policy} does not support MLA models (one latent KV head "
-                              "per layer leaves nothing to select per head)"])
+        _refuse(
+            server_args,
+            [
+                f"--kv-policy {config.policy} does not support MLA models (one latent KV head "
+                "per layer leaves nothing to select per head)"
+            ],
+        )
     base = view.attention_backend
     requested = getattr(server_args, _REQUESTED_MARK, False)
     if base not in BASE_BACKENDS:
         user_chose = not requested and (getattr(server_args, "_raw_input", None) or {}).get("attention_backend") == base
         if user_chose:
-            _refuse(server_args, [f"--attention-backend {base} cannot be the dense base of {BACKEND_NAME} (it "
-                                  f"needs page_size > 1 or is not supported); use one of {', '.join(BASE_BACKENDS)}"])
+            _refuse(
+                server_args,
+                [
+                    f"--attention-backend {base} cannot be the dense base of {BACKEND_NAME} (it "
+                    f"needs page_size > 1 or is not supported); use one of {', '.join(BASE_BACKENDS)}"
+                ],
+            )
         from sglang.srt.runtime_context import get_platform
 
         fallback = "flashinfer" if get_platform().has_flashinfer else "triton"
@@ -407,7 +462,7 @@ def _force_settings(server_args: Any, previous: Callable[[Any], None]) -> None:
         base = fallback
     elif requested:
         logger.info("madakv: dense prefill through %s (the platform default)", base)
-    os.environ[settings.BASE_BACKEND_ENV] = base
+    os.environ[environment.BASE_BACKEND_ENV] = base
 
     def force(field: str, value: Any, was: Any, why: str) -> None:
         if was == value:
@@ -416,14 +471,27 @@ def _force_settings(server_args: Any, previous: Callable[[Any], None]) -> None:
         if was is not None and not (field == "attention_backend" and requested):  # None: SGLang's default is ours
             logger.info("madakv: forcing %s=%s (was %s): %s", field, value, was, why)
 
-    force("attention_backend", BACKEND_NAME, base, f"--kv-policy {config.policy} compresses the KV cache in the "
-          f"{BACKEND_NAME} backend, which runs {base} for dense prefill")
+    force(
+        "attention_backend",
+        BACKEND_NAME,
+        base,
+        f"--kv-policy {config.policy} compresses the KV cache in the "
+        f"{BACKEND_NAME} backend, which runs {base} for dense prefill",
+    )
     force("page_size", 1, view.page_size, "packed cells need one token per page")
-    force("disable_radix_cache", True, view.disable_radix_cache,
-          "a compressed prompt's KV cannot be shared through the prefix tree")
-    force("disable_overlap_schedule", True, view.disable_overlap_schedule,
-          "evicted slots are freed when a prefill batch's result is processed, which the overlap scheduler "
-          "runs one batch late")
+    force(
+        "disable_radix_cache",
+        True,
+        view.disable_radix_cache,
+        "a compressed prompt's KV cannot be shared through the prefix tree",
+    )
+    force(
+        "disable_overlap_schedule",
+        True,
+        view.disable_overlap_schedule,
+        "evicted slots are freed when a prefill batch's result is processed, which the overlap scheduler "
+        "runs one batch late",
+    )
     graphs = view.cuda_graph_config
     if graphs is not None:
         was = {phase: getattr(graphs, phase).backend for phase in Phase.ALL}
@@ -433,21 +501,32 @@ def _force_settings(server_args: Any, previous: Callable[[Any], None]) -> None:
             declare_resolution(server_args, SOURCE, cuda_graph_config=graphs)
             logger.info(
                 "madakv: forcing CUDA graphs off (was %s): the head-wise decode builds per-request index tables "
-                "on the host every step", ", ".join(f"{phase}={backend}" for phase, backend in was.items()),
+                "on the host every step",
+                ", ".join(f"{phase}={backend}" for phase, backend in was.items()),
             )
 
 
 def _final_problems(cfg: Any) -> list[str]:
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
 
-    expected = {"attention_backend": BACKEND_NAME, "page_size": 1, "disable_radix_cache": True,
-                "disable_overlap_schedule": True}
-    problems = [f"{field} ended up {getattr(cfg, field)!r} after madakv set it to {value!r}"
-                for field, value in expected.items() if getattr(cfg, field) != value]
+    expected = {
+        "attention_backend": BACKEND_NAME,
+        "page_size": 1,
+        "disable_radix_cache": True,
+        "disable_overlap_schedule": True,
+    }
+    problems = [
+        f"{field} ended up {getattr(cfg, field)!r} after madakv set it to {value!r}"
+        for field, value in expected.items()
+        if getattr(cfg, field) != value
+    ]
     graphs = cfg.cuda_graph_config
     if graphs is not None:
-        problems += [f"CUDA graphs for {phase} ended up {getattr(graphs, phase).backend!r}"
-                     for phase in Phase.ALL if getattr(graphs, phase).backend != Backend.DISABLED]
+        problems += [
+            f"CUDA graphs for {phase} ended up {getattr(graphs, phase).backend!r}"
+            for phase in Phase.ALL
+            if getattr(graphs, phase).backend != Backend.DISABLED
+        ]
     return problems
 
 
@@ -457,7 +536,7 @@ def _check_final(server_args: Any, previous: Callable[[Any], None]) -> None:
 
     previous(server_args)
     config = _configured(server_args)
-    if not settings.is_compressing(config):
+    if not environment.is_compressing(config):
         return
     cfg = resolving_view(server_args)
     problems = unsupported_settings(cfg, config) + _final_problems(cfg) + _budget_problems(server_args, config)
@@ -471,10 +550,10 @@ def _budget_problems(server_args: Any, config: PolicyConfig) -> list[str]:
         return []
     from sglang.srt.arg_groups.overrides import model_config_of
 
-    from madakv_sglang.sglang.requests import check_token_budget
+    from madakv_sglang.engine.requests import check_token_budget
 
     try:  # memoized: the backend step built it for use_mla_backend
-        check_token_budget(config, model_config_of(server_args).context_len, policy_flag("budget", FLAG_PREFIX))
+        check_token_budget(config, model_config_of(server_args).context_len, flag_name("budget", FLAG_PREFIX))
     except ConfigError as err:
         return [str(err)]
     return []
@@ -484,22 +563,23 @@ def _budget_problems(server_args: Any, config: PolicyConfig) -> list[str]:
 
 
 def _after_verify(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
-    from madakv_sglang.sglang.requests import override_keys, request_config
+    from madakv_sglang.engine.requests import override_keys, request_config
 
     custom_params = getattr(sampling_params, "custom_params", None)
     if override_keys(custom_params):
-        request_config(custom_params, settings.config_from_env())
+        request_config(custom_params, environment.server_config())
 
 
-def _after_validate_one_request(result: Any, tokenizer_manager: Any, obj: Any, input_ids: Any = None,
-                                *args: Any, **kwargs: Any) -> None:
+def _after_validate_one_request(
+    result: Any, tokenizer_manager: Any, obj: Any, input_ids: Any = None, *args: Any, **kwargs: Any
+) -> None:
     """Sessions, empty prompts (after tokenizing: chats and image requests included) and token budgets."""
-    from madakv_sglang.sglang.requests import check_prompt_tokens, check_request
+    from madakv_sglang.engine.requests import check_prompt_tokens, check_request
 
-    if not settings.env_may_compress():
+    if not environment.env_may_compress():
         return
-    config = settings.config_from_env()
-    if not settings.is_compressing(config):
+    config = environment.server_config()
+    if not environment.is_compressing(config):
         return
     if getattr(obj, "session_id", None) is not None or getattr(obj, "session_params", None) is not None:
         raise ValueError(
@@ -517,13 +597,14 @@ def _after_validate_one_request(result: Any, tokenizer_manager: Any, obj: Any, i
 
 
 def _check_generate_input(obj: Any, context_len: int | None) -> None:
-    from madakv_sglang.sglang.requests import check_generate_input
+    from madakv_sglang.engine.requests import check_generate_input
 
-    check_generate_input(obj, settings.config_from_env(), context_len)
+    check_generate_input(obj, environment.server_config(), context_len)
 
 
-async def _around_serve_generate_request(original: Callable[..., Any], obj: Any, request: Any, *args: Any,
-                                         **kwargs: Any) -> Any:
+async def _around_serve_generate_request(
+    original: Callable[..., Any], obj: Any, request: Any, *args: Any, **kwargs: Any
+) -> Any:
     """``/generate``: answer a request the tokenizer hooks would refuse with the 400 SGLang gives a non-streamed
     one (``_create_error_response``), before ``original`` may open a stream."""
     from sglang.srt.entrypoints import http_server

@@ -1,6 +1,6 @@
 """SGLang's offline throughput benchmark with the ``--kv-*`` flags:
 
-    python -m madakv_sglang.sglang.offline_throughput --model-path MODEL --kv-policy madakv --kv-budget 0.1 \\
+    python -m madakv_sglang.engine.offline_throughput --model-path MODEL --kv-policy madakv --kv-budget 0.1 \\
         --dataset-name random --num-prompts 200 [any flag of python -m sglang.benchmark.offline_throughput]
 
 SGLang's script (``sglang.benchmark.offline_throughput``) builds its parser before any plugin is loaded and
@@ -17,15 +17,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-PROG = "python -m madakv_sglang.sglang.offline_throughput"
+PROG = "python -m madakv_sglang.engine.offline_throughput"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sglang.srt.plugins import load_plugins
 
     from madakv_sglang.config import ConfigError
-    from madakv_sglang.sglang import settings
-    from madakv_sglang.sglang.plugin import config_from_kv_argv, split_kv_argv
+    from madakv_sglang.engine import environment
+    from madakv_sglang.engine.plugin import config_from_kv_argv, split_kv_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
     load_plugins()  # registers the add_cli_args hook, so SGLang's --help lists the --kv-* flags
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_argv, argv = split_kv_argv(argv)
         config = config_from_kv_argv(kv_argv, prog=PROG)
         if config is not None:
-            settings.config_to_env(config)
+            environment.config_to_env(config)
     from sglang.benchmark import offline_throughput
 
     sys.argv = [PROG, *argv]

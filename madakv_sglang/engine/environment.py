@@ -3,16 +3,19 @@
 SGLang's ``ServerArgs`` cannot take new fields from outside, so the ``--kv-*`` flags are turned into
 environment variables (``MADAKV_KV_POLICY``, ``MADAKV_KV_BUDGET``, ...) in the launching process; the
 scheduler processes SGLang spawns (every TP rank) inherit them. Multi-node launches set them on every
-node (the launcher does). This module is the single reader and writer of those variables.
+node (the launcher does). This module is the single reader and writer of those variables; what they may hold is
+``madakv_sglang.settings``'s business.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from madakv_sglang.config import POLICY_FIELDS, ConfigError, PolicyConfig
+from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.settings import parse_settings, setting_names
 
 ENV_PREFIX = "MADAKV_KV_"
 # The dense attention backend the madakv backend delegates prefill to; written by the plugin's resolution hook
@@ -20,7 +23,7 @@ ENV_PREFIX = "MADAKV_KV_"
 BASE_BACKEND_ENV = "MADAKV_BASE_BACKEND"
 SERVER_DEFAULT_POLICY = "full"
 # Policies the engine cannot run: h2o needs the attention of every prompt query, which a serving
-# prefill does not materialise (DESIGN §2).
+# prefill does not materialise (docs/design.md §2).
 HF_ONLY_POLICIES = frozenset({"h2o"})
 
 
@@ -35,11 +38,24 @@ def server_default() -> PolicyConfig:
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> PolicyConfig:
-    """The active configuration; raises ConfigError naming the variable on a bad value."""
+    """The configuration the environment describes, parsed and validated now; raises ConfigError naming the
+    variable on a bad value. Code that runs per request or per batch uses :func:`server_config`."""
     environ = os.environ if environ is None else environ
-    values = {name: environ.get(env_name(name)) for name in POLICY_FIELDS}
+    return _parse(tuple(environ.get(env_name(name)) for name in setting_names()))
+
+
+def server_config() -> PolicyConfig:
+    """This process's configuration, parsed once: the ``MADAKV_KV_*`` variables are read on every call (a dict
+    lookup each) and parsed again only when they changed, which happens once, in the launching process, when
+    its ``--kv-*`` flags are written. The schedulers, the tokenizer and the HTTP server parse them once."""
+    return _parse(tuple(os.environ.get(env_name(name)) for name in setting_names()))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(texts: tuple[str | None, ...]) -> PolicyConfig:
+    values = dict(zip(setting_names(), texts, strict=True))
     try:
-        config = PolicyConfig.from_strings(values, base=server_default())
+        config = parse_settings(values, base=server_default())
     except ConfigError as err:
         raise ConfigError(f"{err} (from the {ENV_PREFIX}* environment)") from None
     check_servable(config)
@@ -68,10 +84,10 @@ def check_servable(config: PolicyConfig) -> None:
 
 
 def config_to_env(config: PolicyConfig, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Write ``config`` as environment variables (all fields, so stale ones are overwritten)."""
+    """Write ``config`` as environment variables (every setting's variable is cleared first, so none is stale)."""
     environ = os.environ if environ is None else environ
     values = {env_name(name): text for name, text in config.to_strings().items()}
-    for name in POLICY_FIELDS:
+    for name in setting_names():
         environ.pop(env_name(name), None)
     environ.update(values)
     return values
@@ -82,18 +98,15 @@ def is_compressing(config: PolicyConfig) -> bool:
     return config.policy != "full"
 
 
-def engine_kwargs(policy: str = "madakv", budget: Any = "0.2", **settings: Any) -> dict[str, Any]:
-    """Configure ``sglang.Engine`` for a policy: sets the environment this process and its children read.
+def use_policy(policy: str = "madakv", budget: Any = "0.2", **settings: Any) -> PolicyConfig:
+    """Configure the ``sglang.Engine`` this process starts next (and every process it spawns): validates the
+    settings, writes them to the environment and returns the config::
 
-    Returns the keyword arguments to pass to ``sglang.Engine`` besides the model's own; today that is
-    nothing (the resolution hook derives the engine settings), but callers should splat it so future
-    needs land without changing their code::
-
-        engine = sglang.Engine(model_path=..., **madakv_sglang.engine_kwargs(policy="madakv", budget=0.1))
+        madakv_sglang.engine.environment.use_policy("madakv", budget=0.1)
+        engine = sglang.Engine(model_path=...)
     """
     values = {"policy": policy, "budget": budget, **settings}
-    texts = {k: None if v is None else str(v) for k, v in values.items()}
-    config = PolicyConfig.from_strings(texts, base=server_default())
+    config = parse_settings({k: None if v is None else str(v) for k, v in values.items()}, base=server_default())
     check_servable(config)
     config_to_env(config)
-    return {}
+    return config

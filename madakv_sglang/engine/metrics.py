@@ -13,7 +13,7 @@ Exported series (counters get prometheus_client's ``_total`` suffix):
 - ``madakv_compressed_requests_total``: requests whose prompt was compressed.
 - ``madakv_prompt_slots_total``: prompt slots those requests held before compression.
 - ``madakv_reclaimed_slots_total``: slots returned to SGLang's KV pool.
-- ``madakv_packing_waste_cells_total``: (slot, head, layer) cells held but not kept (DESIGN §3).
+- ``madakv_packing_waste_cells_total``: (slot, head, layer) cells held but not kept (docs/design.md §4).
 - ``madakv_compression_seconds``: histogram of the time from scores to freed slots, per batch.
 - ``madakv_skipped_requests_total``: requests served uncompressed by the skip rule, by ``reason`` (``short
   prompt``: below ``--kv-min-prompt``; ``small saving``: the budget would reclaim less than ``--kv-min-reclaim``).
@@ -47,34 +47,43 @@ class CompressionMetrics:
             "madakv_compressed_requests", "Requests whose prompt KV was compressed.", names, registry=registry
         )
         self.prompt_slots = Counter(
-            "madakv_prompt_slots", "Prompt KV slots held by compressed requests before compression.", names,
+            "madakv_prompt_slots",
+            "Prompt KV slots held by compressed requests before compression.",
+            names,
             registry=registry,
         )
         self.reclaimed = Counter(
             "madakv_reclaimed_slots", "KV slots returned to the pool by compression.", names, registry=registry
         )
         self.waste = Counter(
-            "madakv_packing_waste_cells", "Packed (slot, head, layer) cells held but not kept.", names,
+            "madakv_packing_waste_cells",
+            "Packed (slot, head, layer) cells held but not kept.",
+            names,
             registry=registry,
         )
         self.seconds = Histogram(
-            "madakv_compression_seconds", "Time spent compressing, from window scores to freed slots.", names,
-            buckets=SECONDS_BUCKETS, registry=registry,
+            "madakv_compression_seconds",
+            "Time spent compressing, from window scores to freed slots.",
+            names,
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
         )
         self.skipped = Counter(
-            "madakv_skipped_requests", "Requests served uncompressed by the skip rule, by reason.", [*names, "reason"],
+            "madakv_skipped_requests",
+            "Requests served uncompressed by the skip rule, by reason.",
+            [*names, "reason"],
             registry=registry,
         )
 
-    def record(self, prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str,
-               layout: str) -> None:
+    def record(
+        self, prompt_slots: int, kept_slots: int, waste_cells: int, seconds: float, policy: str, layout: str
+    ) -> None:
         labels = {**self.labels, "policy": policy, "layout": layout}
         self.requests.labels(**labels).inc()
         self.prompt_slots.labels(**labels).inc(max(prompt_slots, 0))
         self.reclaimed.labels(**labels).inc(max(prompt_slots - kept_slots, 0))
         self.waste.labels(**labels).inc(max(waste_cells, 0))
         self.seconds.labels(**labels).observe(max(seconds, 0.0))
-
 
     def record_skip(self, reason: str, policy: str, layout: str) -> None:
         self.skipped.labels(**self.labels, policy=policy, layout=layout, reason=reason).inc()

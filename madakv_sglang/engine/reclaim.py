@@ -1,4 +1,4 @@
-"""Scheduler-side hooks that return evicted prompt slots to SGLang's allocator (DESIGN §3).
+"""Scheduler-side hooks that return evicted prompt slots to SGLang's allocator (docs/design.md §5).
 
 The backend packs a finished prompt's kept cells into the request's first M slots and points the row's
 positions ``[M, n)`` at the padding slot 0. These hooks, installed in every scheduler process when a
@@ -11,7 +11,7 @@ compressing policy is configured, keep SGLang's bookkeeping exact:
 - ``kv_private_tokens``: a packed request owns M + generated slots, not its whole row.
 - ``ReqToTokenPool.free_rows``: forget a row's state when SGLang recycles it.
 - ``MHATokenToKVPool._create_buffers_normal``: with ``--kv-layout shared``, every layer's K and V as views of one
-  allocation (``sglang.pool``).
+  allocation (``engine.pool``).
 - ``SchedulerOutputStreamer.is_request_level_customized_info_key``: send the per-request numbers once, as
   ``meta_info["madakv"]`` (a one-item list, SGLang's shape for request-level custom info).
 """
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.sglang import batch_context
-from madakv_sglang.sglang.compress import poison_enabled
-from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
-from madakv_sglang.sglang.metrics import record_compression, record_skip
-from madakv_sglang.sglang.pool import around_create_buffers_normal
-from madakv_sglang.sglang.settings import config_from_env
+from madakv_sglang.engine import state as scheduler_state
+from madakv_sglang.engine.environment import server_config
+from madakv_sglang.engine.metrics import record_compression, record_skip
+from madakv_sglang.engine.pool import around_create_buffers_normal
+from madakv_sglang.engine.state import RequestInfo
+from madakv_sglang.packing import PackedRow, Replay, poison_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ REPLAY_ATTR = "_madakv_replay"  # the decision a retracted request re-applies, k
 META_KEY = "madakv"  # meta_info key of the per-request numbers
 
 _installed = False
-_server_config: PolicyConfig | None = None
 
 
 def install_hooks() -> None:
@@ -59,7 +58,9 @@ def install_hooks() -> None:
         _around_kv_private_tokens,
         HookType.AROUND,
     )
-    HookRegistry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _around_free_rows, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _around_free_rows, HookType.AROUND
+    )
     HookRegistry.register(
         "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal",
         around_create_buffers_normal,
@@ -74,16 +75,9 @@ def install_hooks() -> None:
     _installed = True
 
 
-def server_config() -> PolicyConfig:
-    global _server_config
-    if _server_config is None:
-        _server_config = config_from_env()
-    return _server_config
-
-
 def request_policy(req: Any) -> PolicyConfig:
     """The request's settings: the server's, or its validated per-request override."""
-    from madakv_sglang.sglang.requests import request_config
+    from madakv_sglang.engine.requests import request_config
 
     custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
     try:
@@ -97,10 +91,11 @@ def request_policy(req: Any) -> PolicyConfig:
 
 
 def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-    if not batch.forward_mode.is_extend():
+    shared = scheduler_state.current()
+    if shared is None or not batch.forward_mode.is_extend():
         return original(scheduler, batch, *args, **kwargs)
     infos = [
-        batch_context.RequestInfo(
+        RequestInfo(
             rid=req.rid,
             full_len=len(req.origin_input_ids) + len(req.output_ids),
             config=request_policy(req),
@@ -108,24 +103,29 @@ def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **k
         )
         for req in batch.reqs
     ]
-    with batch_context.publish(infos):
+    with shared.running(infos):
         return original(scheduler, batch, *args, **kwargs)
 
 
-def _around_process_batch_result(original: Any, scheduler: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> Any:
+def _around_process_batch_result(
+    original: Any, scheduler: Any, batch: Any, result: Any, *args: Any, **kwargs: Any
+) -> Any:
     if batch.forward_mode.is_extend():
         _free_evicted(scheduler, batch)
     return original(scheduler, batch, result, *args, **kwargs)
 
 
 def _free_evicted(scheduler: Any, batch: Any) -> None:
+    shared = scheduler_state.current()
+    if shared is None:
+        return
     allocator = scheduler.token_to_kv_pool_allocator
     freed_now = 0
     for req in batch.reqs:
         row = req.kv.req_pool_idx
         if row is None:
             continue
-        state = LEDGER.rows().get(row)
+        state = shared.rows().get(row)
         if state is None:
             continue
         if state.decision is not None and getattr(req, REPLAY_ATTR, None) is None:
@@ -146,12 +146,17 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         # SGLang stops trying to admit prefills once an admission failed, until a running request leaves
         # (``batch_is_full``); returned slots are new room just like a finished request's.
         scheduler.running_batch.batch_is_full = False
-        LEDGER.reclaimed_total += freed_now
-        rows, held = LEDGER.footprint()
+        shared.reclaimed_total += freed_now
+        rows, held = shared.footprint()
         logger.info(
             "madakv: reclaimed %d slots in this batch (%d since start); pool available %d of %d; "
             "backend state %d rows, %d bytes",
-            freed_now, LEDGER.reclaimed_total, allocator.available_size(), allocator.size, rows, held,
+            freed_now,
+            shared.reclaimed_total,
+            allocator.available_size(),
+            allocator.size,
+            rows,
+            held,
         )
 
 
@@ -163,37 +168,51 @@ def _set_meta(req: Any, summary: dict[str, Any]) -> None:
 
 def _report(req: Any, packed: PackedRow, policy: str) -> None:
     layout = server_config().layout
-    _set_meta(req, {
-        "prompt_slots": packed.prompt_len,
-        "kept_slots": packed.slots,
-        "reclaimed_slots": packed.evicted,
-        "packing_waste_cells": packed.waste_cells,
-        "compress_ms": round(packed.compress_seconds * 1e3, 3),
-        "layout": layout,
-        "skipped": None,
-    })
+    _set_meta(
+        req,
+        {
+            "prompt_slots": packed.prompt_len,
+            "kept_slots": packed.slots,
+            "reclaimed_slots": packed.evicted,
+            "packing_waste_cells": packed.waste_cells,
+            "compress_ms": round(packed.compress_seconds * 1e3, 3),
+            "layout": layout,
+            "skipped": None,
+        },
+    )
     logger.info(
         "madakv: request %s prompt slots %d -> %d (%.1f%% reclaimed, waste %d cells, layout %s)",
-        req.rid, packed.prompt_len, packed.slots, 100.0 * packed.evicted / max(packed.prompt_len, 1),
-        packed.waste_cells, layout,
+        req.rid,
+        packed.prompt_len,
+        packed.slots,
+        100.0 * packed.evicted / max(packed.prompt_len, 1),
+        packed.waste_cells,
+        layout,
     )
-    record_compression(packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy,
-                       layout=layout)
+    record_compression(
+        packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy, layout=layout
+    )
 
 
 def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig) -> None:
     """A prompt served uncompressed by the skip rule: said in ``meta_info``, the log and the metrics."""
-    _set_meta(req, {
-        "prompt_slots": prompt_len,
-        "kept_slots": prompt_len,
-        "reclaimed_slots": 0,
-        "packing_waste_cells": 0,
-        "compress_ms": 0.0,
-        "layout": config.layout,
-        "skipped": reason,
-    })
-    why = (f"{prompt_len} < --kv-min-prompt {config.min_prompt}" if reason == "short prompt"
-           else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}")
+    _set_meta(
+        req,
+        {
+            "prompt_slots": prompt_len,
+            "kept_slots": prompt_len,
+            "reclaimed_slots": 0,
+            "packing_waste_cells": 0,
+            "compress_ms": 0.0,
+            "layout": config.layout,
+            "skipped": reason,
+        },
+    )
+    why = (
+        f"{prompt_len} < --kv-min-prompt {config.min_prompt}"
+        if reason == "short prompt"
+        else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}"
+    )
     logger.info("madakv: request %s prompt slots %d kept whole (%s: %s)", req.rid, prompt_len, reason, why)
     record_skip(reason, policy=config.policy, layout=config.layout)
 
@@ -220,14 +239,17 @@ def _poison_slots(allocator: Any, slots: torch.Tensor) -> None:
 
 def _around_kv_private_tokens(original: Any, kv: Any, *args: Any, **kwargs: Any) -> int:
     owned = int(original(kv, *args, **kwargs))
-    packed = LEDGER.packed(kv.req_pool_idx) if kv.req_pool_idx is not None else None
+    shared = scheduler_state.current()
+    packed = shared.packed(kv.req_pool_idx) if shared is not None and kv.req_pool_idx is not None else None
     return owned - packed.evicted if packed is not None else owned
 
 
 def _around_free_rows(original: Any, pool: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:
-    for row in indices:
-        LEDGER.drop(int(row))
+    shared = scheduler_state.current()
+    if shared is not None:
+        for row in indices:
+            shared.drop(int(row))
     return original(pool, indices, *args, **kwargs)
 
 
-__all__ = ["META_KEY", "REPLAY_ATTR", "Replay", "install_hooks", "request_policy", "server_config"]
+__all__ = ["META_KEY", "REPLAY_ATTR", "Replay", "install_hooks", "request_policy"]

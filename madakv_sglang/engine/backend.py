@@ -1,9 +1,9 @@
 """The ``madakv`` attention backend: dense prefill through the device's base backend, window scores on the
 last prefill chunk, one policy decision per batch, packing, and head-wise decode over the packed cells.
 
-Engine glue only: scores come from ``policies.scoring``, decisions and packing from ``sglang.compress``,
+Engine glue only: scores come from ``policies.scoring``, decisions and packing from ``madakv_sglang.packing``,
 decode attention from ``madakv_sglang.kernels``. The scheduler side (freeing slots, accounting) is
-``sglang.reclaim``; the two meet in ``sglang.ledger`` and ``sglang.batch_context``.
+``engine.reclaim``; the two meet in the process's ``engine.state.SchedulerState``.
 """
 
 from __future__ import annotations
@@ -18,17 +18,27 @@ import torch
 from torch import Tensor
 
 from madakv_sglang.config import PolicyConfig
+from madakv_sglang.engine import state as scheduler_state
+from madakv_sglang.engine.environment import BASE_BACKEND_ENV, is_compressing, server_config
+from madakv_sglang.engine.modality import visual_mask
+from madakv_sglang.engine.state import RequestInfo
+from madakv_sglang.engine.tp import HeadShard, TensorParallelComm, check_same_policy, engine_group
 from madakv_sglang.kernels import decode_kernel_for, headwise_decode
 from madakv_sglang.kernels.index_tables import IndexInputs, build_index_inputs, decode_index_tables
+from madakv_sglang.packing import (
+    Decision,
+    Finishing,
+    Geometry,
+    PackedRow,
+    PoolView,
+    Replay,
+    decide,
+    pack_batch,
+    skip_code,
+)
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, SKIP_REASONS, Comm
 from madakv_sglang.policies.scoring import window_scores
-from madakv_sglang.sglang import batch_context
-from madakv_sglang.sglang.compress import Decision, Finishing, Geometry, PoolView, decide, pack_batch, skip_code
-from madakv_sglang.sglang.ledger import LEDGER, PackedRow, Replay
-from madakv_sglang.sglang.modality import visual_mask
-from madakv_sglang.sglang.settings import BASE_BACKEND_ENV, config_from_env, is_compressing
-from madakv_sglang.sglang.tp import HeadShard, TensorParallelComm, check_same_policy, engine_group
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +59,7 @@ def create_backend(model_runner: Any) -> Any:
             "serve it with --kv-policy full"
         )
     base = ATTENTION_BACKENDS[base_name](model_runner)
-    return _backend_class()(model_runner, base, base_name, config_from_env())
+    return _backend_class()(model_runner, base, base_name, server_config())
 
 
 def unsupported_attention_layers(model: Any) -> list[str]:
@@ -113,6 +123,7 @@ class _MadaKVMixin:
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.config = config
+        self.state = scheduler_state.create()
         pool = self.token_to_kv_pool
         self.start_layer = int(getattr(pool, "start_layer", 0) or 0)
         self.num_layers = int(pool.layer_num)
@@ -131,11 +142,20 @@ class _MadaKVMixin:
         logger.info(
             "madakv: backend ready (base %s, policy %s, budget %s, window %d, layout %s, %d layers x %d KV heads; "
             "TP %d: heads %d..%d of %d%s, %d replica(s) per head; decode kernel %s)",
-            base_name, config.policy, config.budget, config.window, config.layout, self.num_layers, self.local_heads,
-            geometry.tp_size, geometry.head_offset, geometry.head_offset + geometry.local_heads - 1,
+            base_name,
+            config.policy,
+            config.budget,
+            config.window,
+            config.layout,
+            self.num_layers,
+            self.local_heads,
+            geometry.tp_size,
+            geometry.head_offset,
+            geometry.head_offset + geometry.local_heads - 1,
             geometry.total_heads,
             "" if geometry.real_heads is None else f" ({geometry.total_heads - geometry.real_heads} zero padding)",
-            geometry.replicas, self.decode_kernel,
+            geometry.replicas,
+            self.decode_kernel,
         )
 
     # ---- SGLang's backend interface ----
@@ -150,7 +170,9 @@ class _MadaKVMixin:
         elif mode.is_extend():
             self._extend = self._plan_extend(forward_batch)
 
-    def forward_extend(self, q: Tensor, k: Tensor, v: Tensor, layer: Any, forward_batch: Any, save_kv_cache: bool = True, **kwargs: Any) -> Tensor:
+    def forward_extend(
+        self, q: Tensor, k: Tensor, v: Tensor, layer: Any, forward_batch: Any, save_kv_cache: bool = True, **kwargs: Any
+    ) -> Tensor:
         out = self.base.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         if not self._extend:
             return out
@@ -160,7 +182,7 @@ class _MadaKVMixin:
         rows_map = self.req_to_token_pool.req_to_token
         for entry in self._extend:
             chunk = queries[entry.token_start : entry.token_end]
-            state = LEDGER.open(entry.row, entry.generation)
+            state = self.state.open(entry.row, entry.generation)
             previous = state.query_tail.get(layer_index)
             if entry.replay is not None:
                 self._replay_rows(out, q, layer, entry)
@@ -180,7 +202,9 @@ class _MadaKVMixin:
             self._compress_finished()
         return out
 
-    def forward_decode(self, q: Tensor, k: Tensor, v: Tensor, layer: Any, forward_batch: Any, save_kv_cache: bool = True, **kwargs: Any) -> Tensor:
+    def forward_decode(
+        self, q: Tensor, k: Tensor, v: Tensor, layer: Any, forward_batch: Any, save_kv_cache: bool = True, **kwargs: Any
+    ) -> Tensor:
         if self._decode_tables is None:
             return self.base.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -197,7 +221,14 @@ class _MadaKVMixin:
         batch = forward_batch.batch_size
         queries = q.reshape(batch, layer.tp_q_head_num, layer.qk_head_dim)
         out, _ = headwise_decode(
-            queries, k_cells, v_cells, indptr, indices, self.local_heads, layer.scaling, backend=self.decode_kernel,
+            queries,
+            k_cells,
+            v_cells,
+            indptr,
+            indices,
+            self.local_heads,
+            layer.scaling,
+            backend=self.decode_kernel,
         )
         return out.to(q.dtype).reshape(batch, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -210,7 +241,7 @@ class _MadaKVMixin:
     # ---- extend: which requests finish their prompt, and what they need ----
 
     def _plan_extend(self, forward_batch: Any) -> list[_ExtendEntry]:
-        infos = batch_context.current()
+        infos = self.state.batch()
         if infos is not None and len(infos) != forward_batch.batch_size:
             infos = None  # not the batch the scheduler published (e.g. a warm-up forward)
         rows = _as_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
@@ -239,8 +270,7 @@ class _MadaKVMixin:
                     visual=visual_mask(mm_inputs[i], seq).to(self.device),
                     config=config,
                     scores=(
-                        torch.zeros(self.num_layers, self.local_heads, seq, device=self.device)
-                        if scored else None
+                        torch.zeros(self.num_layers, self.local_heads, seq, device=self.device) if scored else None
                     ),
                     replay=replay,
                     skipped=skipped,
@@ -250,7 +280,9 @@ class _MadaKVMixin:
                 continue
             rid = info.rid if info is not None else f"row{row}"
             entries.append(
-                _ExtendEntry(rid, row, self._generation(row), start, token, prefix, config, needs_tail, finishing, replay)
+                _ExtendEntry(
+                    rid, row, self._generation(row), start, token, prefix, config, needs_tail, finishing, replay
+                )
             )
         return entries
 
@@ -268,11 +300,12 @@ class _MadaKVMixin:
                 _dump(dump_dir, entry.rid, request, decision, self.geometry)
         rows_map = self.req_to_token_pool.req_to_token
         compressed = [(r, d) for r, d in zip(finishing, decisions, strict=True) if not r.skipped]
-        packed_rows = pack_batch([r for r, _ in compressed], [d for _, d in compressed], rows_map, self.pool,
-                                 self.geometry.tp_size)
+        packed_rows = pack_batch(
+            [r for r, _ in compressed], [d for _, d in compressed], rows_map, self.pool, self.geometry.tp_size
+        )
         packed_of = {id(r): p for (r, _), p in zip(compressed, packed_rows, strict=True)}
         for request, decision in zip(finishing, decisions, strict=True):
-            state = LEDGER.open(request.row, self._generation(request.row))
+            state = self.state.open(request.row, self._generation(request.row))
             state.query_tail.clear()
             state.decision = _stored(request, decision)
             if request.skipped:
@@ -317,30 +350,35 @@ class _MadaKVMixin:
         """Per-layer (indptr, indices) over packed cells plus generated tokens, built on the device; the
         per-batch inputs are gathered again only when the batch composition (or a row's packing) changes."""
         rows = _as_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
-        packed = [LEDGER.packed(row) for row in rows]
+        packed = [self.state.packed(row) for row in rows]
         if all(p is None for p in packed):
             return None  # nothing compressed in this batch: the base backend runs it unchanged
         rows_map = self.req_to_token_pool.req_to_token
         key = tuple((row, self._generation(row), id(state)) for row, state in zip(rows, packed, strict=True))
         if self._index_inputs is None or self._index_inputs[0] != key:
-            inputs = build_index_inputs(packed, rows, rows_map, self.num_layers, self.local_heads,
-                                        layer_cells=self.pool.layer_cells)
+            inputs = build_index_inputs(
+                packed, rows, rows_map, self.num_layers, self.local_heads, layer_cells=self.pool.layer_cells
+            )
             self._index_inputs = (key, inputs)
-        indptr, indices = decode_index_tables(self._index_inputs[1], forward_batch.seq_lens, rows_map,
-                                              dtype=torch.int64)
+        indptr, indices = decode_index_tables(
+            self._index_inputs[1], forward_batch.seq_lens, rows_map, dtype=torch.int64
+        )
         return [(indptr[layer], indices[layer]) for layer in range(self.num_layers)]
 
     def _generation(self, row: int) -> int:
         return int(self.req_to_token_pool.req_generation[row])
 
 
-def _tensor_parallel_view(model_runner: Any, num_layers: int, local_heads: int, config: PolicyConfig) -> tuple[Geometry, Comm]:
+def _tensor_parallel_view(
+    model_runner: Any, num_layers: int, local_heads: int, config: PolicyConfig
+) -> tuple[Geometry, Comm]:
     """This rank's heads and the collectives over its TP group; with TP > 1, first check that every rank runs
     the same policy (every rank builds its backend at the same point of start-up, so the all-gather lines up)."""
     tp_rank, tp_size, group = engine_group()
     model_config = model_runner.model_config
     total_heads = int(model_config.get_total_num_kv_heads())
-    # On CPU, SGLang pads the KV heads to a multiple of the TP size with zero weights (adjust_config_with_unaligned_cpu_tp).
+    # On CPU, SGLang pads the KV heads to a multiple of the TP size with zero weights
+    # (adjust_config_with_unaligned_cpu_tp).
     real_heads = int(getattr(model_config.hf_text_config, "original_total_num_kv_heads", total_heads) or total_heads)
     shard = HeadShard(tp_rank=tp_rank, tp_size=tp_size, total_heads=total_heads)
     if shard.local_heads != local_heads:
@@ -383,7 +421,7 @@ def _as_list(cpu_values: Any, values: Any) -> list[int]:
     return [int(x) for x in (source.tolist() if hasattr(source, "tolist") else source)]
 
 
-def _replay_of(info: batch_context.RequestInfo | None) -> Replay | None:
+def _replay_of(info: RequestInfo | None) -> Replay | None:
     return None if info is None else info.replay
 
 
