@@ -103,7 +103,8 @@ class PolicySpec:
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
-        from madakv_sglang.config import Budget, ConfigError, PolicyConfig
+        from madakv_sglang.config import ConfigError
+        from madakv_sglang.settings import parse_settings
 
         name, _, rest = text.partition(":")
         budget, _, layout = rest.partition(":")
@@ -111,11 +112,7 @@ class PolicySpec:
             if rest:
                 raise ConfigError(f"{text!r}: full keeps every token; it takes no budget or layout")
             return cls("full")
-        config = PolicyConfig(
-            policy=name,
-            budget=Budget.parse(budget) if budget else PolicyConfig().budget,
-            layout=layout or PolicyConfig().layout,
-        )
+        config = parse_settings({"policy": name, "budget": budget or None, "layout": layout or None})
         return cls(name, str(config.budget), layout or None)
 
     @property

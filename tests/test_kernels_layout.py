@@ -476,7 +476,8 @@ def test_triton_tables_in_a_cuda_graph() -> None:
     for step in (1, 4):
         now = [s + step for s in seqs]
         seq_lens.copy_(torch.tensor(now))
-        req_to_token.copy_(torch.randperm(req_to_token.numel()).view(req_to_token.shape) + 1)  # new tail slots
+        shuffled = torch.randperm(req_to_token.numel(), generator=torch.Generator().manual_seed(step))
+        req_to_token.copy_(shuffled.view(req_to_token.shape).to(req_to_token.device) + 1)  # new tail slots
         graph.replay()
         torch.cuda.synchronize()
         expected = _loop_tables(packed, rows, now, req_to_token.cpu(), layers, heads)
