@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from madakv_sglang.config import PolicyConfig
-from madakv_sglang.kernels.pack import layer_stack_view, pack_cells, pack_moves, pack_shared_cells
+from madakv_sglang.kernels.dispatch import layer_packer
+from madakv_sglang.kernels.pack import PackMoves, layer_stack_view, pack_moves, pack_shared_cells
 from madakv_sglang.layout import PackPlan, pack_plan, packing_waste, slot_count
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.base import LOCAL, NOT_SKIPPED, Comm, PolicyInputs, skip_codes
@@ -200,6 +202,9 @@ class PoolView:
         k_layers / v_layers: SGLang's per-layer buffers ``[rows, H_r, D]``.
         layout: ``shared`` (the layers are views of one allocation, cell ids address all of it) or ``per-layer``.
         k_cells / v_cells: ``shared`` only, the all-layer views ``[L * rows * H_r, D]``.
+        pack_layers: ``per-layer`` only, applies ``PackMoves`` to the layer buffers with the chosen layout kernel
+            (``kernels.dispatch.layer_packer``). In ``shared`` one gather and one scatter over ``k_cells`` and
+            ``v_cells`` already move every layer's cells, in torch on any device.
     """
 
     k_layers: list[Tensor]
@@ -207,12 +212,14 @@ class PoolView:
     layout: str
     k_cells: Tensor | None = None
     v_cells: Tensor | None = None
+    pack_layers: Callable[[PackMoves], None] | None = None
 
     @classmethod
-    def of(cls, k_layers: list[Tensor], v_layers: list[Tensor], layout: str) -> PoolView:
-        """Check that a ``shared`` pool really is one allocation per K and V (``pool.create_shared_buffers``)."""
+    def of(cls, k_layers: list[Tensor], v_layers: list[Tensor], layout: str, kernel: str = "torch") -> PoolView:
+        """Check that a ``shared`` pool really is one allocation per K and V (``pool.create_shared_buffers``).
+        ``kernel`` is the layout kernel (``kernels.dispatch.layout_kernel_for``)."""
         if layout == "per-layer":
-            return cls(k_layers, v_layers, layout)
+            return cls(k_layers, v_layers, layout, pack_layers=layer_packer(kernel, k_layers, v_layers))
         k_stack, v_stack = layer_stack_view(k_layers), layer_stack_view(v_layers)
         if k_stack is None or v_stack is None:
             raise ValueError(
@@ -269,7 +276,8 @@ def pack_batch(
         layers = len(pool.k_layers)
         src_layers = [torch.cat([plan.src[layer] for _, _, plan in chosen]) for layer in range(layers)]
         dst_layers = [torch.cat([plan.dst[layer] for _, _, plan in chosen]) for layer in range(layers)]
-        pack_cells(pool.k_layers, pool.v_layers, pack_moves(src_layers, dst_layers))
+        assert pool.pack_layers is not None
+        pool.pack_layers(pack_moves(src_layers, dst_layers))
     if poison_enabled():
         for row, slots, plan in chosen:
             _poison_unused(pool, rows_map[row, :slots].long(), plan)

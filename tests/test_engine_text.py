@@ -96,15 +96,18 @@ def test_budget_covering_the_prompt_gives_stock_tokens(stock: Server, madakv: Se
         assert _finite_logprobs(got)
 
 
-def test_triton_decode_kernel_in_the_engine_decodes_like_the_torch_reference(
-    checkpoint: Path, madakv: Server, tmp_path: Path
+@pytest.mark.parametrize("layout", ["shared", "per-layer"])
+def test_triton_kernels_in_the_engine_decode_like_the_torch_reference(
+    checkpoint: Path, madakv: Server, tmp_path: Path, layout: str
 ) -> None:
-    """The Triton head-wise decode inside a real server (``MADAKV_DECODE_KERNEL=triton``), run by the Triton
-    interpreter on CPU: the backend's index tables, packed cells and the kernel together give the reference
-    backend's tokens and logprobs (float32 both ways: equal up to summation order, measured 0)."""
-    env = {"MADAKV_DECODE_KERNEL": "triton", "TRITON_INTERPRET": "1"}
-    with Server(checkpoint, [*BASE_ARGS, *MADAKV_ARGS], tmp_path / "triton.log", env=env) as triton:
-        assert "decode kernel triton" in triton.log()
+    """The Triton kernels inside a real server, as a CUDA device would choose them (``MADAKV_DECODE_KERNEL`` and
+    ``MADAKV_LAYOUT_KERNEL=triton``), run by the Triton interpreter on CPU: Triton index tables, the Triton
+    per-layer pack (``per-layer``; ``shared`` packs in torch) and the Triton decode together give the torch
+    server's tokens and logprobs (its layout is ``shared``; both layouts keep the same cells)."""
+    env = {"MADAKV_DECODE_KERNEL": "triton", "MADAKV_LAYOUT_KERNEL": "triton", "TRITON_INTERPRET": "1"}
+    args = [*BASE_ARGS, *MADAKV_ARGS, "--kv-layout", layout]
+    with Server(checkpoint, args, tmp_path / "triton.log", env=env) as triton:
+        assert f"layout {layout}," in triton.log() and "decode kernel triton, layout kernel triton" in triton.log()
         for ids in _prompts(LENGTHS[:3], seed=4):  # 197 tokens: chunked prefill, then packed decode
             want, got = _generate(madakv, ids), _generate(triton, ids)
             assert got["output_ids"] == want["output_ids"]

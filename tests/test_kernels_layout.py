@@ -1,6 +1,7 @@
 """Device-side layout kernels against slow references: the decode index tables (``kernels/index_tables.py``,
 ``kernels/triton_index_tables.py``) against the per-row, per-head loop the backend used to run, and the
-all-layer packing (``kernels/pack.py``, ``kernels/triton_pack.py``) against ``tests.oracles.apply_pack`` layer by layer.
+all-layer packing (``kernels/pack.py``, ``kernels/triton_pack.py``) against ``tests.oracles.apply_pack`` layer by layer;
+the dispatch that picks them for a backend (``kernels/dispatch.py``) against the kernels it wraps.
 
 Integer tables and pure copies: every comparison is exact. The Triton kernels run on CPU under the Triton
 interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` runs, and must not leak
@@ -20,6 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from madakv_sglang.kernels.dispatch import LAYOUT_KERNEL_ENV, index_tables, layer_packer, layout_kernel_for
 from madakv_sglang.kernels.index_tables import build_index_inputs, concat_ranges, decode_index_tables
 from madakv_sglang.kernels.pack import layer_stack_view, pack_cells, pack_moves
 from madakv_sglang.layout import pack_plan
@@ -269,6 +271,51 @@ def test_torch_pack_equals_apply_pack(heads: int, layers: int, stacked: bool) ->
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("layout", ["per-layer", "shared"])
+def test_heads_times_seq_lens_bounds_every_layer_of_the_tables(layout: str) -> None:
+    """The Triton tables are sized ``H * sum(seq_lens)`` before the step (no host sync): check that no layer of
+    the torch tables, over random batches, ever needs more."""
+    for seed in range(40):
+        heads, layers, batch = 1 + seed % 4, 1 + seed % 3, 1 + seed % 7
+        packed, rows, seqs, req_to_token = _random_batch(layers, heads, batch, seed, layout=layout)
+        inputs = build_index_inputs(
+            packed, rows, req_to_token, layers, heads, layer_cells=_layer_cells(layout, req_to_token, heads)
+        )
+        indptr, _ = decode_index_tables(inputs, torch.tensor(seqs), req_to_token)
+        assert int(indptr[:, -1].max()) <= heads * sum(seqs)
+
+
+def test_torch_dispatch_returns_the_torch_tables_and_packs_like_pack_cells() -> None:
+    packed, rows, seqs, req_to_token = _random_batch(3, 2, 5, seed=11)
+    inputs = build_index_inputs(packed, rows, req_to_token, 3, 2)
+    want = decode_index_tables(inputs, torch.tensor(seqs), req_to_token, dtype=torch.int64)
+    got = index_tables("torch", inputs, torch.tensor(seqs), req_to_token, max_cells=2 * sum(seqs))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    src, dst, slots = _random_moves(3, 2, requests=2, seed=3)
+    moves = pack_moves(src, dst)
+    k_got, v_got = _pools(3, slots, 2, 4, torch.float32, stacked=False, seed=1)
+    k_want, v_want = [t.clone() for t in k_got], [t.clone() for t in v_got]
+    layer_packer("torch", k_got, v_got)(moves)
+    pack_cells(k_want, v_want, moves)
+    assert all(torch.equal(a, b) for a, b in zip(k_got + v_got, k_want + v_want, strict=True))
+    with pytest.raises(ValueError, match="unknown layout kernel 'fast'"):
+        layer_packer("fast", k_got, v_got)
+    with pytest.raises(ValueError, match="unknown layout kernel 'fast'"):
+        index_tables("fast", inputs, torch.tensor(seqs), req_to_token, max_cells=1)
+
+
+def test_layout_kernel_choice_follows_the_device_and_the_environment() -> None:
+    assert layout_kernel_for("cpu", {}) == "torch"
+    assert layout_kernel_for("cpu", {LAYOUT_KERNEL_ENV: " "}) == "torch"
+    assert layout_kernel_for("cpu", {LAYOUT_KERNEL_ENV: "torch"}) == "torch"
+    with pytest.raises(ValueError, match="MADAKV_LAYOUT_KERNEL=triton: the triton layout kernel needs a CUDA device"):
+        layout_kernel_for("cpu", {LAYOUT_KERNEL_ENV: "triton"})
+    with pytest.raises(ValueError, match="unknown layout kernel; known: torch, triton"):
+        layout_kernel_for("cpu", {LAYOUT_KERNEL_ENV: "fast", "TRITON_INTERPRET": "1"})
+    if importlib.util.find_spec("triton") is not None:  # set-up installs it; the interpreter may run it on CPU
+        assert layout_kernel_for("cpu", {LAYOUT_KERNEL_ENV: "triton", "TRITON_INTERPRET": "1"}) == "triton"
+
+
 # ---- lazy imports and the Triton interpreter (subprocesses) ----
 
 
@@ -431,7 +478,29 @@ def interpreter_checks() -> None:
             )
     for layers, heads, dim, dtype in ((1, 1, 4, torch.float32), (3, 2, 8, torch.float16), (2, 4, 6, torch.bfloat16)):
         _check_triton_pack(layers, heads, dim, dtype, "cpu")
+    _check_triton_dispatch()
     print("interpreter checks passed")
+
+
+def _check_triton_dispatch() -> None:
+    """The dispatch the backend calls with the ``triton`` layout kernel: tables as wide as the host bound, equal
+    to the torch tables and zero past them; the per-layer packer equal to ``pack_cells``."""
+    for layout in ("per-layer", "shared"):
+        packed, rows, seqs, req_to_token = _random_batch(2, 3, 4, seed=9, layout=layout)
+        inputs = build_index_inputs(packed, rows, req_to_token, 2, 3, layer_cells=_layer_cells(layout, req_to_token, 3))
+        seq_lens = torch.tensor(seqs)
+        want_ptr, want_idx = index_tables("torch", inputs, seq_lens, req_to_token, max_cells=0)
+        bound = 3 * sum(seqs)
+        got_ptr, got_idx = index_tables("triton", inputs, seq_lens, req_to_token, max_cells=bound)
+        assert got_idx.shape == (2, bound) and torch.equal(got_ptr, want_ptr)
+        assert torch.equal(got_idx[:, : want_idx.shape[1]], want_idx) and not got_idx[:, want_idx.shape[1] :].any()
+    src, dst, slots = _random_moves(3, 2, requests=2, seed=4)
+    moves = pack_moves(src, dst)
+    k_got, v_got = _pools(3, slots, 2, 4, torch.bfloat16, stacked=False, seed=3)
+    k_want, v_want = [t.clone() for t in k_got], [t.clone() for t in v_got]
+    layer_packer("triton", k_got, v_got)(moves)
+    pack_cells(k_want, v_want, moves)
+    assert all(torch.equal(a, b) for a, b in zip(k_got + v_got, k_want + v_want, strict=True))
 
 
 # ---- GPU ----

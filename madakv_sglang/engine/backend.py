@@ -24,7 +24,8 @@ from madakv_sglang.engine.modality import visual_mask
 from madakv_sglang.engine.state import RequestInfo
 from madakv_sglang.engine.tp import HeadShard, TensorParallelComm, check_same_policy, engine_group
 from madakv_sglang.kernels import decode_kernel_for, headwise_decode
-from madakv_sglang.kernels.index_tables import IndexInputs, build_index_inputs, decode_index_tables
+from madakv_sglang.kernels.dispatch import index_tables, layout_kernel_for
+from madakv_sglang.kernels.index_tables import IndexInputs, build_index_inputs
 from madakv_sglang.packing import (
     Decision,
     Finishing,
@@ -129,10 +130,12 @@ class _MadaKVMixin:
         self.num_layers = int(pool.layer_num)
         self.local_heads = int(pool.head_num)
         self.geometry, self.comm = _tensor_parallel_view(model_runner, self.num_layers, self.local_heads, config)
+        self.layout_kernel = layout_kernel_for(self.device)
         self.pool = PoolView.of(
             [pool.get_key_buffer(self.start_layer + layer) for layer in range(self.num_layers)],
             [pool.get_value_buffer(self.start_layer + layer) for layer in range(self.num_layers)],
             config.layout,
+            self.layout_kernel,
         )
         self._extend: list[_ExtendEntry] = []
         self._decode_tables: list[tuple[Tensor, Tensor]] | None = None
@@ -141,7 +144,7 @@ class _MadaKVMixin:
         geometry = self.geometry
         logger.info(
             "madakv: backend ready (base %s, policy %s, budget %s, window %d, layout %s, %d layers x %d KV heads; "
-            "TP %d: heads %d..%d of %d%s, %d replica(s) per head; decode kernel %s)",
+            "TP %d: heads %d..%d of %d%s, %d replica(s) per head; decode kernel %s, layout kernel %s)",
             base_name,
             config.policy,
             config.budget,
@@ -156,6 +159,7 @@ class _MadaKVMixin:
             "" if geometry.real_heads is None else f" ({geometry.total_heads - geometry.real_heads} zero padding)",
             geometry.replicas,
             self.decode_kernel,
+            self.layout_kernel,
         )
 
     # ---- SGLang's backend interface ----
@@ -360,10 +364,24 @@ class _MadaKVMixin:
                 packed, rows, rows_map, self.num_layers, self.local_heads, layer_cells=self.pool.layer_cells
             )
             self._index_inputs = (key, inputs)
-        indptr, indices = decode_index_tables(
-            self._index_inputs[1], forward_batch.seq_lens, rows_map, dtype=torch.int64
+        indptr, indices = index_tables(
+            self.layout_kernel,
+            self._index_inputs[1],
+            forward_batch.seq_lens,
+            rows_map,
+            max_cells=self._max_cells_per_layer(forward_batch),
         )
         return [(indptr[layer], indices[layer]) for layer in range(self.num_layers)]
+
+    def _max_cells_per_layer(self, forward_batch: Any) -> int:
+        """A bound on any layer's cell count this step, known on the host: a head keeps at most its request's
+        positions (``H * sum(seq_lens)``), and a layer's lists never share a cell (the layer's buffer, or every
+        layer's in ``shared``)."""
+        total = forward_batch.seq_lens_sum
+        if total is None:  # SGLang may stop keeping the host sum; then one sync
+            total = int(forward_batch.seq_lens.sum())
+        buffers = self.num_layers if self.pool.layout == "shared" else 1
+        return self.local_heads * min(int(total), self.pool.rows * buffers)
 
     def _generation(self, row: int) -> int:
         return int(self.req_to_token_pool.req_generation[row])
