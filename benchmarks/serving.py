@@ -60,6 +60,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from madakv_sglang.log_lines import batch_lines
+
 if TYPE_CHECKING:
     from madakv_sglang.server_process import Server
 
@@ -176,7 +178,6 @@ def config_name(spec: PolicySpec, input_len: int, round_index: int | None = None
 
 _DECODE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+)")
 _PREFILL = re.compile(r"Prefill batch, #new-seq: (\d+), .*?token usage: ([\d.]+), #running-req: (\d+)")
-_RECLAIM = re.compile(r"madakv: reclaimed (\d+) slots in this batch \(\d+ since start\); pool available (\d+) of (\d+)")
 _RETRACT = re.compile(r"#retracted_reqs: (\d+)")
 _POOL = re.compile(r"max_total_num_tokens=(\d+)")
 # A request that failed inside the server. Streamed, it still ends with HTTP 200, and SGLang's client counts it as
@@ -229,10 +230,9 @@ def parse_server_log(text: str, pool_slots: int | None = None) -> LogStats:
         running.append(int(match[1]) + int(match[3]))
         used.append(round(float(match[2]) * pool_slots))  # two decimals: +-0.5% of the pool
     reclaimed = 0
-    for match in _RECLAIM.finditer(text):
-        freed, available, total = int(match[1]), int(match[2]), int(match[3])
-        reclaimed += freed
-        used.append(total - available + freed)
+    for batch in batch_lines(text):
+        reclaimed += batch.reclaimed
+        used.append(batch.capacity - batch.available + batch.reclaimed)
     errors = _ERROR.findall(text)
     return LogStats(
         pool_slots=pool_slots,

@@ -20,7 +20,6 @@ import argparse
 import base64
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from types import FrameType
 from typing import Any
 
 from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.log_lines import request_lines
 from madakv_sglang.server_process import Server
 
 MODEL_KIND = "qwen2_vl"
@@ -43,13 +43,6 @@ NUM_IMAGES = 4
 MAX_TOKENS = 16
 FRONTEND_CHAT_TEMPLATE = "qwen2-vl"  # sglang.lang's template with Qwen2-VL's image placeholder
 MAX_TOTAL_TOKENS = 8192
-# Written by madakv_sglang.engine.reclaim for every compressed prompt.
-RECLAIM_LINE = re.compile(
-    r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) -> (?P<m>\d+) "
-    r"\((?P<pct>[\d.]+)% reclaimed, waste (?P<waste>\d+) cells, layout (?P<layout>[\w-]+)\)"
-)
-# Written for a prompt the skip rule serves uncompressed (--kv-min-prompt, --kv-min-reclaim).
-SKIP_LINE = re.compile(r"madakv: request (?P<rid>\S+) prompt slots (?P<n>\d+) kept whole \((?P<reason>[^:]+):")
 
 QUESTION_4 = "Compare these four pictures. Which colours come back in every one of them, and where?"
 QUESTION_2 = "Here are two more pictures. Describe the first one, then say how the second one differs."
@@ -136,27 +129,17 @@ def reported_summary(response: Any) -> dict[str, Any] | None:
 
 
 def logged_summaries(log_text: str) -> dict[str, dict[str, Any]]:
-    """Every ``madakv: request ...`` line of a server log, by request id."""
-    found: dict[str, dict[str, Any]] = {}
-    for match in RECLAIM_LINE.finditer(log_text):
-        n, m = int(match["n"]), int(match["m"])
-        found[match["rid"]] = {
-            "prompt_slots": n,
-            "kept_slots": m,
-            "reclaimed_slots": n - m,
-            "packing_waste_cells": int(match["waste"]),
-            "skipped": None,
+    """Every ``madakv: request ...`` line of a server log, by request id (a reused id: its last line)."""
+    return {
+        line.rid: {
+            "prompt_slots": line.prompt_slots,
+            "kept_slots": line.kept_slots,
+            "reclaimed_slots": line.prompt_slots - line.kept_slots,
+            "packing_waste_cells": line.waste_cells,
+            "skipped": line.skip_reason,
         }
-    for match in SKIP_LINE.finditer(log_text):
-        n = int(match["n"])
-        found[match["rid"]] = {
-            "prompt_slots": n,
-            "kept_slots": n,
-            "reclaimed_slots": 0,
-            "packing_waste_cells": 0,
-            "skipped": match["reason"],
-        }
-    return found
+        for line in request_lines(log_text)
+    }
 
 
 class SlotAccounts:

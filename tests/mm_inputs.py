@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from madakv_sglang import checkpoints
+from madakv_sglang.log_lines import request_lines
 from madakv_sglang.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN
 
 # The tiny builders draw every weight from N(0, 0.1^2): q.k is ~1e-2, attention is almost uniform, psi is flat,
@@ -199,5 +200,4 @@ def prompt_ids(output: dict[str, Any]) -> list[int]:
 
 def reclaim_lines(log: str) -> dict[str, tuple[int, int]]:
     """rid -> (prompt slots, kept slots) from madakv's per-request log line."""
-    pattern = re.compile(r"madakv: request (\S+) prompt slots (\d+) -> (\d+)")
-    return {m.group(1): (int(m.group(2)), int(m.group(3))) for m in pattern.finditer(log)}
+    return {line.rid: (line.prompt_slots, line.kept_slots) for line in request_lines(log) if line.compressed}

@@ -15,15 +15,16 @@ import pytest
 from benchmarks import serving
 from benchmarks.serving import CLIENT_METRICS, SERVER_METRICS, LogStats, PolicySpec, parse_server_log
 from madakv_sglang.config import ConfigError
+from madakv_sglang.log_lines import format_batch
 from tests.sglang_server import NO_FLOOR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Lines as SGLang 0.5.23 and madakv write them (shortened where the parser does not look).
-LOG = """\
+# Lines as SGLang 0.5.23 writes them (shortened where the parser does not look), and madakv's from its formatter.
+LOG = f"""\
 [t] max_total_num_tokens=1000, chunked_prefill_size=4096, max_prefill_tokens=16384
 [t] Prefill batch, #new-seq: 1, #new-token: 48, #cached-token: 0, token usage: 0.05, #running-req: 0, #queue-req: 0
-[t] madakv: reclaimed 150 slots in this batch (150 since start); pool available 700 of 1000; backend state 1 rows
+[t] {format_batch(reclaimed=150, since_start=150, available=700, capacity=1000, state_rows=1, state_bytes=4096)}
 [t] Prefill batch, #new-seq: 3, #new-token: 600, #cached-token: 0, token usage: 0.30, #running-req: 2, #queue-req: 4
 [t] Decode batch, #running-req: 5, #token: 310, token usage: 0.31, cpu graph: False, gen throughput (token/s): 9.0
 [t] KV cache pool is full. Retract requests. #retracted_reqs: 2, #new_tokens_gained: 40

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import uuid
@@ -23,15 +22,13 @@ import pytest
 
 from madakv_sglang.demo_hf import POLICIES
 from madakv_sglang.demo_hf import main as demo_hf_main
+from madakv_sglang.log_lines import request_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 0.2
 MIN_PROMPT = 256  # the server's default --kv-min-prompt: shorter prompts are kept whole
 IMAGE_TOKENS_224 = 64
 MARKER_ENV = "MADAKV_TEST_DEMO_RUN"
-# reclaim.py's per-request line, parsed here on its own rather than with the demo's regex.
-LINE = re.compile(r"madakv: request (\S+) prompt slots (\d+) -> (\d+) \((\d+\.\d)% reclaimed")
-WHOLE = re.compile(r"madakv: request (\S+) prompt slots (\d+) kept whole \(")
 TOTAL_KEYS = ("prompt_tokens", "kv_slots_full", "kv_slots_kept", "reclaimed_fraction", "policy", "budget", "requests")
 REQUEST_KEYS = (
     "name",
@@ -117,10 +114,9 @@ def test_each_request_is_compressed_within_its_budget(report: dict[str, Any]) ->
 
 def test_numbers_agree_with_the_server_log(report: dict[str, Any], demo_run: dict[str, Any]) -> None:
     """The report reads meta_info; the server's log line is written by other code, so it is the oracle."""
-    lines = LINE.findall(demo_run["log"])
-    logged = {rid: (int(n), int(m)) for rid, n, m, _ in lines}
-    logged.update({rid: (int(n), int(n)) for rid, n in WHOLE.findall(demo_run["log"])})
-    percent = {rid: float(p) for rid, _, _, p in lines}
+    lines = request_lines(demo_run["log"])
+    logged = {line.rid: (line.prompt_slots, line.kept_slots) for line in lines}
+    percent = {line.rid: line.reclaimed_pct for line in lines}
     for r in report["requests"]:
         assert logged.get(r["rid"]) == (r["kv_slots_full"], r["kv_slots_kept"]), r["name"]
         # The log prints one decimal of a percent, the report four decimals of a fraction.

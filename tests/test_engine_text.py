@@ -19,6 +19,8 @@ import torch
 
 from madakv_sglang import tiny_models
 from madakv_sglang.config import PolicyConfig
+from madakv_sglang.log_lines import batch_lines
+from tests.mm_inputs import reclaim_lines
 from tests.sglang_server import Server
 
 WINDOW = 8
@@ -57,12 +59,6 @@ def _generate(
 def _finite_logprobs(output: dict[str, Any]) -> bool:
     values = [entry[0] for entry in output["meta_info"]["output_token_logprobs"]]
     return all(math.isfinite(v) for v in values)
-
-
-def _reclaim_lines(log: str) -> dict[str, tuple[int, int]]:
-    """rid -> (prompt slots, kept slots) from madakv's per-request log line."""
-    pattern = re.compile(r"madakv: request (\S+) prompt slots (\d+) -> (\d+)")
-    return {m.group(1): (int(m.group(2)), int(m.group(3))) for m in pattern.finditer(log)}
 
 
 BASE_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--chunked-prefill-size", str(CHUNK)]
@@ -126,7 +122,7 @@ def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     config = PolicyConfig.from_strings({"policy": "madakv", "budget": "0.2", "window": str(WINDOW), "min_prompt": "0"})
-    log_before = set(_reclaim_lines(madakv.log()))
+    log_before = set(reclaim_lines(madakv.log()))
     for index, ids in enumerate(_prompts(LENGTHS, seed=2)):
         rid = f"hf-agree-{index}"
         got = _generate(madakv, ids, rid=rid)
@@ -137,7 +133,7 @@ def test_engine_keeps_what_the_hf_path_decides_and_decodes_the_same(
         )
         assert got["output_ids"] == want.tokens
         assert _finite_logprobs(got)
-    assert log_before != set(_reclaim_lines(madakv.log()))
+    assert log_before != set(reclaim_lines(madakv.log()))
 
 
 def test_request_holds_exactly_the_slots_plan_reports(madakv: Server, dump_dir: Path, tmp_path: Path) -> None:
@@ -168,7 +164,7 @@ def test_request_holds_exactly_the_slots_plan_reports(madakv: Server, dump_dir: 
         check=True,
     )
     report = json.loads(plan.stdout)
-    prompt_slots, kept_slots = _reclaim_lines(madakv.log())["plan-check"]
+    prompt_slots, kept_slots = reclaim_lines(madakv.log())["plan-check"]
     assert prompt_slots == 160
     assert kept_slots == report["slots_kept"]
     layers, heads, _ = record["keep"].shape  # shared layout: the kept cells of all layers, L * H per slot
@@ -337,13 +333,13 @@ def test_abort_mid_prefill_and_mid_decode_leaves_the_pool_balanced(crowded: Serv
 
 
 def _backend_state(log: str) -> tuple[int, int]:
-    rows, held = re.findall(r"backend state (\d+) rows, (\d+) bytes", log)[-1]
-    return int(rows), int(held)
+    last = batch_lines(log)[-1]
+    return last.state_rows, last.state_bytes
 
 
 def _reclaimed_total(log: str) -> int:
-    totals = re.findall(r"madakv: reclaimed \d+ slots in this batch \((\d+) since start\)", log)
-    return int(totals[-1]) if totals else 0
+    batches = batch_lines(log)
+    return batches[-1].since_start if batches else 0
 
 
 # ---- concurrency on a fixed pool ----

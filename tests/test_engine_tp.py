@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from madakv_sglang import tiny_models
 from madakv_sglang.checkpoints import write_checkpoint, write_test_image
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
+from madakv_sglang.log_lines import batch_lines, request_lines
 from madakv_sglang.packing import Finishing, Geometry, decide
 from tests.sglang_server import CPU_ARGS, CPU_ENV, Server, free_port
 
@@ -91,8 +91,11 @@ def _generate_all(server: Server, tag: str) -> dict[str, dict[str, Any]]:
 
 def _rank_lines(log: str, rid: str) -> dict[int, tuple[int, int]]:
     """TP rank -> (prompt slots, kept slots) from each rank's per-request log line."""
-    pattern = re.compile(rf"TP(\d+)\] madakv: request {re.escape(rid)} prompt slots (\d+) -> (\d+)")
-    return {int(m.group(1)): (int(m.group(2)), int(m.group(3))) for m in pattern.finditer(log)}
+    return {
+        line.tp_rank: (line.prompt_slots, line.kept_slots)
+        for line in request_lines(log)
+        if line.rid == rid and line.compressed and line.tp_rank is not None
+    }
 
 
 def _check_ranks_against_one_rank_policy(dump: Path, log: str, rid: str, tp: int) -> torch.Tensor:
@@ -169,10 +172,7 @@ def test_tp2_waves_with_an_abort_keep_every_rank_balanced(servers: Any) -> None:
     log = tp2.log()
     assert tp2.process.poll() is None, log[-3000:]
     assert "Leak" not in log and "double free" not in log
-    totals = {
-        rank: int(total)
-        for rank, total in re.findall(r"TP(\d+)\] madakv: reclaimed \d+ slots in this batch \((\d+) since start\)", log)
-    }
+    totals = {batch.tp_rank: batch.since_start for batch in batch_lines(log) if batch.tp_rank is not None}
     assert len(totals) == 2 and len(set(totals.values())) == 1, totals
     assert tp2.get("/health_generate", timeout=60) is not None
 

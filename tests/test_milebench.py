@@ -36,6 +36,7 @@ from benchmarks.milebench.scoring import (
     score_sample,
     summarize,
 )
+from madakv_sglang.log_lines import request_lines
 from tests.milebench_sample import SAMPLE, materialize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -515,7 +516,7 @@ def test_cli_against_sglang_with_madakv(
         assert sample["error"] is None and isinstance(sample["prediction"], str)
         assert sample["prompt_tokens"] > 0 and 1 <= sample["completion_tokens"] <= 4
     # madakv compressed every request at the --extra-body budget (0.3), not the server's (0.5, exactly half here).
-    kept = {int(n): int(m) for n, m in re.findall(r"madakv: request \S+ prompt slots (\d+) -> (\d+)", log)}
+    kept = {line.prompt_slots: line.kept_slots for line in request_lines(log) if line.compressed}
     for result in results["tasks"].values():
         prompt = result["samples"][0]["prompt_tokens"]
         assert kept[prompt] < prompt / 2, (prompt, kept)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from madakv_sglang.log_lines import request_lines
 from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_madakv_compresses_every_request_of_the_benchmark(tmp_path: Path) -> Non
     assert output["total_input_tokens"] == 8 * 200
     log = done.stdout + done.stderr
     assert "policy madakv, budget 0.2, window 8" in log  # the engine's scheduler got the flags
-    kept = [int(k) for k in re.findall(r"madakv: request \w+ prompt slots 200 -> (\d+)", log)]
+    kept = [line.kept_slots for line in request_lines(log) if line.compressed and line.prompt_slots == 200]
     assert len(kept) == 8, "each of the 8 benchmark prompts (200 tokens) was compressed"
     # B = 40 slots; HCC spends exactly L*H*B cells, and the shared layout (the default) holds their mean over
     # layers: ceil(L*H*B / (L*H)) = B.

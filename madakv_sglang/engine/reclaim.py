@@ -14,6 +14,9 @@ compressing policy is configured, keep SGLang's bookkeeping exact:
   allocation (``engine.pool``).
 - ``SchedulerOutputStreamer.is_request_level_customized_info_key``: send the per-request numbers once, as
   ``meta_info["madakv"]`` (a one-item list, SGLang's shape for request-level custom info).
+
+The lines they log (per compressed request, per skipped request, per batch that returned slots) are formatted by
+``madakv_sglang.log_lines``, which also parses them back.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from madakv_sglang.engine.environment import server_config
 from madakv_sglang.engine.metrics import record_compression, record_skip
 from madakv_sglang.engine.pool import around_create_buffers_normal
 from madakv_sglang.engine.state import RequestInfo
+from madakv_sglang.log_lines import format_batch, format_compressed, format_skipped
 from madakv_sglang.packing import PackedRow, Replay, poison_enabled
 
 logger = logging.getLogger(__name__)
@@ -149,14 +153,7 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         shared.reclaimed_total += freed_now
         rows, held = shared.footprint()
         logger.info(
-            "madakv: reclaimed %d slots in this batch (%d since start); pool available %d of %d; "
-            "backend state %d rows, %d bytes",
-            freed_now,
-            shared.reclaimed_total,
-            allocator.available_size(),
-            allocator.size,
-            rows,
-            held,
+            format_batch(freed_now, shared.reclaimed_total, allocator.available_size(), allocator.size, rows, held)
         )
 
 
@@ -180,15 +177,7 @@ def _report(req: Any, packed: PackedRow, policy: str) -> None:
             "skipped": None,
         },
     )
-    logger.info(
-        "madakv: request %s prompt slots %d -> %d (%.1f%% reclaimed, waste %d cells, layout %s)",
-        req.rid,
-        packed.prompt_len,
-        packed.slots,
-        100.0 * packed.evicted / max(packed.prompt_len, 1),
-        packed.waste_cells,
-        layout,
-    )
+    logger.info(format_compressed(req.rid, packed.prompt_len, packed.slots, packed.waste_cells, layout))
     record_compression(
         packed.prompt_len, packed.slots, packed.waste_cells, packed.compress_seconds, policy=policy, layout=layout
     )
@@ -213,7 +202,7 @@ def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig
         if reason == "short prompt"
         else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}"
     )
-    logger.info("madakv: request %s prompt slots %d kept whole (%s: %s)", req.rid, prompt_len, reason, why)
+    logger.info(format_skipped(req.rid, prompt_len, reason, why))
     record_skip(reason, policy=config.policy, layout=config.layout)
 
 
