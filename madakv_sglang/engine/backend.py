@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,7 @@ class _ExtendEntry:
     needs_tail: bool  # a later chunk finishes the prompt and will need this chunk's last queries
     finishing: Finishing | None
     replay: Replay | None  # a retracted request's stored decision: its later positions attend through it
+    remember: Callable[[Replay], None] | None  # where this prompt's decision is stored for a retraction
 
 
 class _MadaKVMixin:
@@ -285,7 +287,17 @@ class _MadaKVMixin:
             rid = info.rid if info is not None else f"row{row}"
             entries.append(
                 _ExtendEntry(
-                    rid, row, self._generation(row), start, token, prefix, config, needs_tail, finishing, replay
+                    rid,
+                    row,
+                    self._generation(row),
+                    start,
+                    token,
+                    prefix,
+                    config,
+                    needs_tail,
+                    finishing,
+                    replay,
+                    info.remember if info is not None else None,
                 )
             )
         return entries
@@ -308,10 +320,11 @@ class _MadaKVMixin:
             [r for r, _ in compressed], [d for _, d in compressed], rows_map, self.pool, self.geometry.tp_size
         )
         packed_of = {id(r): p for (r, _), p in zip(compressed, packed_rows, strict=True)}
-        for request, decision in zip(finishing, decisions, strict=True):
+        for entry, request, decision in zip(entries, finishing, decisions, strict=True):
+            if entry.remember is not None and request.replay is None:
+                entry.remember(_stored(decision))
             state = self.state.open(request.row, self._generation(request.row))
             state.query_tail.clear()
-            state.decision = _stored(request, decision)
             if request.skipped:
                 state.skipped = SKIP_REASONS[request.skipped]
                 continue
@@ -443,10 +456,9 @@ def _replay_of(info: RequestInfo | None) -> Replay | None:
     return None if info is None else info.replay
 
 
-def _stored(request: Finishing, decision: Decision) -> Replay:
-    """What a retraction replays: the decision over the original prompt only."""
-    if request.replay is not None:
-        return request.replay
+def _stored(decision: Decision) -> Replay:
+    """What a retraction replays: the decision over the original prompt (host copies: the request outlives the
+    forward, and a retraction frees its device memory)."""
     return Replay(keep=decision.keep.cpu(), all_head_counts=decision.all_head_counts.cpu())
 
 

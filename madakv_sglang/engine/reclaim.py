@@ -21,6 +21,7 @@ The lines they log (per compressed request, per skipped request, per batch that 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -104,6 +105,7 @@ def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **k
             full_len=len(req.origin_input_ids) + len(req.output_ids),
             config=request_policy(req),
             replay=getattr(req, REPLAY_ATTR, None),
+            remember=functools.partial(setattr, req, REPLAY_ATTR),
         )
         for req in batch.reqs
     ]
@@ -132,8 +134,6 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         state = shared.rows().get(row)
         if state is None:
             continue
-        if state.decision is not None and getattr(req, REPLAY_ATTR, None) is None:
-            setattr(req, REPLAY_ATTR, state.decision)
         if state.skipped is not None:
             _report_skipped(req, state.skipped, len(req.origin_input_ids), request_policy(req))
             state.skipped = None

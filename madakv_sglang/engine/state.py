@@ -4,13 +4,13 @@ SGLang runs the model inside the scheduler process: the backend decides and pack
 slots and keep SGLang's accounting, and they meet in one :class:`SchedulerState`. SGLang identifies a running
 request's KV by its ``req_to_token`` row. A row is re-used by later requests, so every row's entry carries the
 row's ``req_generation`` and is dropped when SGLang frees the row (``ReqToTokenPool.free_rows``, hooked in
-``reclaim``). What a retraction must replay lives on SGLang's ``Req`` itself (``reclaim.REPLAY_ATTR``), so it
-lasts exactly as long as the request.
+``reclaim``). What a retraction must replay lives on SGLang's ``Req`` itself: the backend hands each decision to
+the request's :attr:`RequestInfo.remember` when it is made, so it lasts exactly as long as the request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,7 +25,6 @@ class RowState:
     generation: int
     query_tail: dict[int, Tensor] = field(default_factory=dict)  # layer -> last W prompt queries so far
     packed: PackedRow | None = None
-    decision: Replay | None = None  # set when the prompt was decided; the scheduler copies it to the request
     skipped: str | None = None  # why the prompt was kept whole, until the scheduler has reported it
 
 
@@ -37,12 +36,14 @@ class RequestInfo:
     config: the policy settings for this request (server flags, or its per-request override).
     replay: the kept set decided before a retraction (positions past its n0 are the outputs generated
         before it and are all kept), so re-prefill does not depend on memory pressure.
+    remember: stores the decision made for this prompt on the request, where a retraction finds it as ``replay``.
     """
 
     rid: str
     full_len: int
     config: PolicyConfig
     replay: Replay | None = None
+    remember: Callable[[Replay], None] | None = None
 
 
 class SchedulerState:
@@ -103,8 +104,6 @@ class SchedulerState:
             tensors = list(state.query_tail.values())
             if state.packed is not None:
                 tensors += [*state.packed.cells, state.packed.indptr]
-            if state.decision is not None:
-                tensors += [state.decision.keep, state.decision.all_head_counts]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return len(self._rows), total
 
