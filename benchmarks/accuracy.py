@@ -74,6 +74,45 @@ class Run:
     layout: str = "shared"
     kept_slots_per_layer: int | None = None  # HF path: the same kept sets under the per-layer layout
 
+    @classmethod
+    def of_sample(
+        cls,
+        path: str,
+        name: str,
+        budget: float,
+        sample: NeedleSample,
+        prediction: str,
+        prompt_len: int,
+        kept_slots: int,
+        layout: str,
+        kept_slots_per_layer: int | None = None,
+    ) -> Run:
+        """One answer to a needle-suite sample, scored by the suite's rule."""
+        return cls(
+            path,
+            name,
+            budget,
+            sample.config.task,
+            sample.meta["seed"],
+            sample.answer,
+            prediction,
+            is_correct(prediction, sample.answer),
+            prompt_len,
+            kept_slots,
+            layout,
+            kept_slots_per_layer,
+        )
+
+
+def add_concurrency_argument(parser: argparse.ArgumentParser) -> None:
+    """``--concurrency``, shared by the sweeps that ask a server."""
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="engine requests in flight; SGLang batches them (each request's eviction is its own)",
+    )
+
 
 def policy_config(name: str, budget: float, window: int, sink: int = DEFAULT_SINK) -> PolicyConfig:
     """The sweep's settings for one policy name: the skip rule off (``min_prompt=0``), since the sweep measures
@@ -95,19 +134,8 @@ def run_hf(
     prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
     counts = result.selection.all_head_counts
     kept = {layout: int(slot_count(counts, layout=layout)[0]) for layout in ("shared", "per-layer")}
-    return Run(
-        "hf",
-        name,
-        budget,
-        sample.config.task,
-        sample.meta["seed"],
-        sample.answer,
-        prediction,
-        is_correct(prediction, sample.answer),
-        result.prompt_len,
-        kept["shared"],
-        "shared",
-        kept["per-layer"],
+    return Run.of_sample(
+        "hf", name, budget, sample, prediction, result.prompt_len, kept["shared"], "shared", kept["per-layer"]
     )
 
 
@@ -149,19 +177,7 @@ def run_engine(
     """``request``: the sample's :func:`engine_request`, built once for every policy and budget; ``layout``: the
     server's."""
     prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, MAX_NEW_TOKENS)
-    return Run(
-        "engine",
-        name,
-        budget,
-        sample.config.task,
-        sample.meta["seed"],
-        sample.answer,
-        prediction,
-        is_correct(prediction, sample.answer),
-        prompt_len,
-        kept,
-        layout,
-    )
+    return Run.of_sample("engine", name, budget, sample, prediction, prompt_len, kept, layout)
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -316,12 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         default="shared",
         help="the engine server's --kv-layout (the HF path reports both)",
     )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=8,
-        help="engine requests in flight; SGLang batches them (each request's eviction is its own)",
-    )
+    add_concurrency_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     args = parser.parse_args(argv)
     exit_on_sigterm()

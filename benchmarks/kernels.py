@@ -33,7 +33,7 @@ from madakv_sglang.kernels.torch_decode import headwise_decode as reference_deco
 from madakv_sglang.policies.scoring import window_scores
 
 SHAPES = {"qwen2.5-vl-7b": (28, 4, 128), "llava-1.5-7b": (32, 32, 128)}
-# bf16 outputs of unit-scale attention against the float32 reference (see tests/test_kernels_flashinfer.py).
+# bf16 outputs of unit-scale attention against the float32 reference (see tests/kernels/test_kernels_flashinfer.py).
 CHECK_TOLERANCE = 2e-2
 
 

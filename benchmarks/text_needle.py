@@ -23,7 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import DEFAULT_SINK, POLICIES, Run, ask_engine, markdown_table, plot, summarize
+from benchmarks.accuracy import (
+    DEFAULT_SINK,
+    POLICIES,
+    Run,
+    add_concurrency_argument,
+    ask_engine,
+    markdown_table,
+    plot,
+    summarize,
+)
 from benchmarks.needles import NeedleConfig, make_sample
 from madakv_sglang.server_process import exit_on_sigterm
 
@@ -56,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help="attention sinks of every scoring policy")
     parser.add_argument("--layout", choices=["shared", "per-layer"], default="shared", help="the server's --kv-layout")
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=8,
-        help="requests in flight; SGLang batches them (each request's eviction is its own)",
-    )
+    add_concurrency_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text_needle"))
     args = parser.parse_args(argv)
     exit_on_sigterm()

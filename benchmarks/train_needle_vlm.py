@@ -428,8 +428,8 @@ Per cell (accuracy, tasks in the order {" / ".join(TASKS)}):
 |---|---|{"---|" * len(TASKS)}
 {chr(10).join(cell_rows)}
 
-`tests/test_needle_vlm.py` checks these weights against this table (a small subset of the same prompts) and that
-SGLang serves the same greedy answers as the HF path.
+`tests/benchmarks/test_needle_vlm.py` checks these weights against this table (a small subset of the same
+prompts) and that SGLang serves the same greedy answers as the HF path.
 
 ## What it can and cannot show
 

@@ -59,8 +59,8 @@ run_step() {  # name, command...
 
 for step in "$@"; do
     case "$step" in
-        tests) run_step tests python3 -m pytest -m gpu -q -rs tests/test_kernels_triton.py \
-                   tests/test_kernels_flashinfer.py tests/test_kernels_layout.py ;;
+        tests) run_step tests python3 -m pytest -m gpu -q -rs tests/kernels/test_kernels_triton.py \
+                   tests/kernels/test_kernels_flashinfer.py tests/kernels/test_kernels_layout.py ;;
         kernels) run_step kernels python3 benchmarks/kernels.py --out "$OUT/kernels.json" ;;
         latency) run_step latency python3 -m benchmarks.latency --out "$OUT/latency.json" ;;
         latency:*) shape="${step#latency:}"

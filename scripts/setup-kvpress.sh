@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A side venv, .venv-kvpress, holding NVIDIA kvpress (the external oracle of tests/test_kvpress_oracle.py).
+# A side venv, .venv-kvpress, holding NVIDIA kvpress (the external oracle of tests/policies/test_kvpress_oracle.py).
 # kvpress 0.5.5 pins transformers<5.3 while the project runs transformers 5.19.0, so it cannot share .venv.
 # torch is the same local CPU wheel (2.13.0+cpu) and is pinned with a local-version constraint, so pip can
 # never replace it with a PyPI (CUDA) build. Idempotent: a second run with unchanged inputs only compares a

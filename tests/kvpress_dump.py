@@ -1,7 +1,7 @@
 """Run NVIDIA kvpress's SnapKVPress and AdaKVPress(SnapKVPress) on a tiny random Llama and dump what they kept.
 
 Runs in .venv-kvpress (scripts/setup-kvpress.sh), never in the project's venv: kvpress 0.5.5 needs
-transformers<5.3. tests/test_kvpress_oracle.py calls it in a subprocess and replays the dumped tensors through
+transformers<5.3. tests/policies/test_kvpress_oracle.py calls it in a subprocess and replays the dumped tensors through
 our policies.
 
     .venv-kvpress/bin/python tests/kvpress_dump.py OUT.pt '[{"press": "snapkv", "window_size": 16, ...}, ...]'

@@ -28,7 +28,7 @@ VL_KINDS = list(checkpoints.VL_KINDS)
 IMAGE_TOKENS_224 = 64  # (224 / 14)**2 patches / (2 * 2) merged
 QUESTION = "Describe this image."
 MAX_NEW = 8
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_DIR = ROOT / ".models" / "smollm2-135m-instruct"  # where `make setup-smollm2` converts to
 
 

@@ -39,7 +39,7 @@ from benchmarks.milebench.scoring import (
 from madakv_sglang.log_lines import request_lines
 from tests.milebench_sample import SAMPLE, materialize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 SETUP_HINT = "run scripts/setup.sh (or `make setup`) to create .venv with SGLang and the CPU shims"
 

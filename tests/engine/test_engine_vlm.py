@@ -43,7 +43,7 @@ WINDOW = 8
 BUDGET = "0.2"
 CHUNK = 64
 MAX_NEW = 16
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # An idle SGLang scheduler busy-polls a whole core unless told to sleep; module-scoped servers idle a lot.
 BASE_ARGS = ["--chunked-prefill-size", str(CHUNK)]

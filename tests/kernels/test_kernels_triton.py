@@ -22,7 +22,7 @@ import torch
 
 from madakv_sglang.kernels.torch_decode import headwise_decode as reference_decode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter = pytest.mark.skipif(
     not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process of test_kernels_in_the_triton_interpreter"

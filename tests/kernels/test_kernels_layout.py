@@ -28,7 +28,7 @@ from madakv_sglang.layout import pack_plan
 from madakv_sglang.packing import PackedRow
 from tests.oracles import apply_pack
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- random batches ----
@@ -330,7 +330,7 @@ def test_importing_the_kernels_does_not_import_triton() -> None:
 
 def test_triton_kernels_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "from tests.test_kernels_layout import interpreter_checks; interpreter_checks()"
+    code = "from tests.kernels.test_kernels_layout import interpreter_checks; interpreter_checks()"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -348,7 +348,7 @@ def test_triton_kernels_compile_for_hopper(tmp_path: Path) -> None:
         pytest.skip("this triton build ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
-    code = "from tests.test_kernels_layout import compile_checks; compile_checks()"
+    code = "from tests.kernels.test_kernels_layout import compile_checks; compile_checks()"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

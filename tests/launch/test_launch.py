@@ -35,7 +35,7 @@ from madakv_sglang.launch.slurm import sbatch_script
 from madakv_sglang.log_lines import request_lines
 from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAKE_REMOTE = ROOT / "tests" / "fake_remote.sh"
 PY = sys.executable
 CWD = os.getcwd()

@@ -21,7 +21,7 @@ from madakv_sglang.policies.baselines import ADAKV_ALPHA, PYRAMID_BETA
 from madakv_sglang.policies.budget import bounded_proportional_fill
 from madakv_sglang.policies.registry import policy_options
 from madakv_sglang.settings import parse_settings
-from tests.test_spec_agreement import random_request
+from tests.random_scores import random_request
 
 ALL = [p for p in policy_names() if p != "h2o"] + ["h2o"]
 # These properties are about compressing: the skip rule (a floor on the prompt length, a minimum saving) is off

@@ -25,7 +25,7 @@ from madakv_sglang.log_lines import request_lines
 from tests.mm_inputs import reclaim_lines
 from tests.sglang_server import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".models" / "smollm2-135m-instruct"
 MAX_NEW = 40
 # An idle SGLang scheduler busy-polls a whole core unless told to sleep.

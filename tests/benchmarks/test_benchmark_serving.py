@@ -18,7 +18,7 @@ from madakv_sglang.config import ConfigError
 from madakv_sglang.log_lines import format_batch
 from tests.sglang_server import NO_FLOOR_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Lines as SGLang 0.5.23 writes them (shortened where the parser does not look), and madakv's from its formatter.
 LOG = f"""\

@@ -23,7 +23,7 @@ from madakv_sglang.packing import Finishing, Geometry, decide
 from madakv_sglang.policies import get_policy
 from madakv_sglang.policies.scoring import reduce_gqa
 from madakv_sglang.server_process import free_port
-from tests.test_spec_agreement import random_request
+from tests.random_scores import random_request
 
 LAYERS = 3
 LENGTHS = [40, 73, 9]  # the last budget (2) is below S + 2W: its kept window shrinks to 1, its sinks to 1

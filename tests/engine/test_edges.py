@@ -33,7 +33,7 @@ from madakv_sglang.engine.requests import EMPTY_PROMPT, check_generate_input
 from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV
 from tests.sglang_server import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONTEXT_LEN = 4096  # the tiny Qwen2-VL's max_position_embeddings (madakv_sglang.tiny_models)
 MADAKV_ARGS = ["--kv-policy", "madakv", "--kv-budget", "0.2", "--kv-window", "8", "--max-total-tokens", "8192"]
 PROMPT = "Tell me a story about a robot who paints flowers in the garden of an old castle by the sea."

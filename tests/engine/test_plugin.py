@@ -28,7 +28,7 @@ from madakv_sglang.engine.plugin import _after_validate_one_request, _after_veri
 from madakv_sglang.engine.requests import request_config
 from madakv_sglang.policies.baselines import ADAKV_ALPHA
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 SETUP_HINT = "run scripts/setup.sh (or `make setup`) to create .venv with SGLang and the CPU shims"
 PORTS = range(32000, 32100)  # the range this project's tests may bind

@@ -53,7 +53,7 @@ from madakv_sglang.policies import PolicyInputs, get_policy
 from madakv_sglang.policies.scoring import pool_within_segments, window_scores
 from madakv_sglang.settings import policy_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KVPRESS_PYTHON = ROOT / ".venv-kvpress" / "bin" / "python"
 DUMP_SCRIPT = ROOT / "tests" / "kvpress_dump.py"
 

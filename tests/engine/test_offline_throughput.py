@@ -16,7 +16,7 @@ from pathlib import Path
 from madakv_sglang.log_lines import request_lines
 from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULE = "madakv_sglang.engine.offline_throughput"
 SENTENCES = (
     "Tell me a story about a robot who wants to learn how to paint flowers in the garden of an old castle.",
