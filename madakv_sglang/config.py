@@ -21,12 +21,16 @@ HeadSplit = Literal["uniform", "demand"]
 Pooling = Literal["none", "max", "avg"]
 GqaReduce = Literal["mean", "max"]
 Layout = Literal["shared", "per-layer"]
+PrefillEvict = Literal["off", "chunk"]
+PrefillSplit = Literal["modality", "none"]
 
 HCC_MODES: tuple[str, ...] = ("global", "paper", "off")
 HEAD_SPLITS: tuple[str, ...] = ("uniform", "demand")
 POOLINGS: tuple[str, ...] = ("none", "max", "avg")
 GQA_REDUCES: tuple[str, ...] = ("mean", "max")
 LAYOUTS: tuple[str, ...] = ("shared", "per-layer")
+PREFILL_EVICTS: tuple[str, ...] = ("off", "chunk")
+PREFILL_SPLITS: tuple[str, ...] = ("modality", "none")
 
 
 class ConfigError(ValueError):
@@ -161,6 +165,13 @@ class PolicyConfig:
             and a request holds ceil(sum of kept cells / (L * H_r)) slots; ``per-layer``: each layer packs into
             its own buffer and a request holds its fullest layer's ceil(C_l / H_r) slots in every layer. A
             property of the pool (the server's, never a request's).
+        prefill_evict: ``off`` (a prompt holds all its slots until its last prefill chunk has run) or ``chunk``
+            (after every chunk but the last, the prompt so far is cut to ``prefill_keep`` times its final budget;
+            ``madakv_sglang.chunk_eviction``).
+        prefill_keep: what a cut leaves, as a multiple of the final budget B (>= 1: the final decision chooses
+            among at least B positions).
+        prefill_split: how a cut splits what it keeps: ``modality`` in proportion to each modality's attention
+            mass (as MPA splits a head's budget), ``none`` in one ranking.
         options: the values of policy options (:class:`PolicyOption`) that differ from their defaults, as sorted
             ``(name, value)`` pairs; read them with ``OPTION.of(config)``.
     """
@@ -182,6 +193,9 @@ class PolicyConfig:
     min_prompt: int = 256
     min_reclaim: float = 0.1
     layout: Layout = "shared"
+    prefill_evict: PrefillEvict = "off"
+    prefill_keep: float = 1.0
+    prefill_split: PrefillSplit = "modality"
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -209,6 +223,10 @@ class PolicyConfig:
         if not (0.0 <= self.min_reclaim < 1.0):
             raise ConfigError(f"min_reclaim: must be in [0, 1), got {self.min_reclaim}")
         _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("prefill_evict", self.prefill_evict, PREFILL_EVICTS)
+        if not (1.0 <= self.prefill_keep <= 64.0):
+            raise ConfigError(f"prefill_keep: must be in [1, 64] (a multiple of the budget), got {self.prefill_keep}")
+        _check_choice("prefill_split", self.prefill_split, PREFILL_SPLITS)
         names = [name for name, _ in self.options]
         if names != sorted(set(names)):
             raise ConfigError(f"options: expected sorted, unique (name, value) pairs, got {self.options!r}")
@@ -222,6 +240,11 @@ class PolicyConfig:
     @property
     def window_share_fraction(self) -> Fraction:
         return Fraction(str(self.window_share))
+
+    @property
+    def prefill_keep_fraction(self) -> Fraction:
+        """``prefill_keep`` as an exact fraction, so every TP rank computes the same cut size."""
+        return Fraction(str(self.prefill_keep))
 
     @property
     def min_reclaim_fraction(self) -> Fraction:
@@ -336,6 +359,9 @@ FIELD_PARSERS: dict[str, Callable[[Any], Any]] = {
     "min_prompt": int,
     "min_reclaim": float,
     "layout": str,
+    "prefill_evict": str,
+    "prefill_keep": float,
+    "prefill_split": str,
 }
 FIELDS: tuple[str, ...] = tuple(FIELD_PARSERS)
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -345,4 +371,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head_split": HEAD_SPLITS,
     "mpa": ("on", "off"),
     "layout": LAYOUTS,
+    "prefill_evict": PREFILL_EVICTS,
+    "prefill_split": PREFILL_SPLITS,
 }

@@ -21,6 +21,7 @@ _COMPRESSED = (
     "({reclaimed_pct:.1f}% reclaimed, waste {waste_cells} cells, layout {layout})"
 )
 _SKIPPED = "madakv: request {rid} prompt slots {prompt_slots} kept whole ({reason}: {detail})"
+_CUT = "madakv: request {rid} cut after {seen} prompt tokens: holds {held} slots, dropped {dropped}"
 _BATCH = (
     "madakv: reclaimed {reclaimed} slots in this batch ({since_start} since start); "
     "pool available {available} of {capacity}; backend state {state_rows} rows, {state_bytes} bytes"
@@ -42,6 +43,9 @@ _FIELDS = {
     "capacity": r"\d+",
     "state_rows": r"\d+",
     "state_bytes": r"\d+",
+    "seen": r"\d+",
+    "held": r"\d+",
+    "dropped": r"\d+",
 }
 _TP_PREFIX = r"(?:TP(?P<tp_rank>\d+)[^\]]*\] )?"
 
@@ -60,6 +64,7 @@ def _pattern(template: str) -> re.Pattern[str]:
 _COMPRESSED_LINE = _pattern(_COMPRESSED)
 _SKIPPED_LINE = _pattern(_SKIPPED)
 _BATCH_LINE = _pattern(_BATCH)
+_CUT_LINE = _pattern(_CUT)
 
 
 def format_compressed(rid: str, prompt_slots: int, kept_slots: int, waste_cells: int, layout: str) -> str:
@@ -79,6 +84,12 @@ def format_skipped(rid: str, prompt_slots: int, reason: str, detail: str) -> str
     """The line of a prompt the skip rule kept whole: ``reason`` (``short prompt``, ``small saving``) and
     ``detail``, the numbers that made it so."""
     return _SKIPPED.format(rid=rid, prompt_slots=prompt_slots, reason=reason, detail=detail)
+
+
+def format_cut(rid: str, seen: int, held: int, dropped: int) -> str:
+    """The line of a cut between prefill chunks (``--kv-prefill-evict chunk``): after ``seen`` prompt tokens the
+    request holds ``held`` slots, ``dropped`` fewer than before the cut."""
+    return _CUT.format(rid=rid, seen=seen, held=held, dropped=dropped)
 
 
 def format_batch(
@@ -195,6 +206,35 @@ def batch_lines(log: str) -> list[BatchLine]:
                     capacity=int(match["capacity"]),
                     state_rows=int(match["state_rows"]),
                     state_bytes=int(match["state_bytes"]),
+                    tp_rank=_rank(match),
+                )
+            )
+    return found
+
+
+@dataclass(frozen=True)
+class CutLine:
+    """One cut's line: the request, the prompt tokens prefilled so far, the slots it holds after the cut, the
+    slots the cut dropped, and the TP rank (None without a TP prefix)."""
+
+    rid: str
+    seen: int
+    held: int
+    dropped: int
+    tp_rank: int | None
+
+
+def cut_lines(log: str) -> list[CutLine]:
+    """Every cut line of a log, in log order; other lines are ignored."""
+    found = []
+    for line in log.splitlines():
+        if match := _CUT_LINE.search(line):
+            found.append(
+                CutLine(
+                    rid=match["rid"],
+                    seen=int(match["seen"]),
+                    held=int(match["held"]),
+                    dropped=int(match["dropped"]),
                     tp_rank=_rank(match),
                 )
             )

@@ -3,8 +3,8 @@
 Engine-free; the backend calls it. It takes the scores the backend gathered, the request rows' slots and the
 pool's K/V buffers (:class:`PoolView`), runs the policy (grouped by configuration, since requests may override
 it), lays the kept cells out in each request's first M slots (``layout``: per layer, or shared across layers)
-and returns what the scheduler must free. The caller zeroes nothing and frees nothing; ``PackedRow.pending_free``
-says which slots to give back.
+points each packed row at its M slots (positions ``[M, n)`` at the padding slot 0) and returns what the scheduler
+must free; it frees nothing itself: ``PackedRow.pending_free`` says which slots to give back.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class PackedRow:
         indptr: ``[L, H_r + 1]`` head h of layer l owns ``cells[l][indptr[l, h]:indptr[l, h + 1]]``.
         pending_free: slots ``req_to_token[row, M:n]`` held until the scheduler returns them
             (``None`` once freed); the row already points them at the padding slot 0.
-        evicted: slots returned to the allocator so far (what the accounting hook subtracts).
+        evicted: slots the prompt gave back once packed (chunk eviction's cuts included), for the report.
         waste_cells: empty cells inside the M slots over all layers.
         compress_seconds: wall time of policy + pack for the batch this row was part of.
     """
@@ -66,6 +66,7 @@ class Replay:
 
     keep: Tensor
     all_head_counts: Tensor
+    cut_at: Tensor | None = None  # [n0] int32: where chunk eviction dropped each position (chunk_eviction.NEVER)
 
 
 @dataclass
@@ -75,9 +76,11 @@ class Finishing:
     Attributes:
         row: its ``req_to_token`` row.
         prompt_len: n; positions ``[0, n)`` are the compressed range.
-        visual: ``[n]`` bool.
+        visual: ``[T]`` bool over the decided positions.
         config: its policy settings.
-        scores: ``[L, H_r, n]`` float32 window scores (filled layer by layer), ``None`` when not needed.
+        scores: ``[L, H_r, T]`` float32 window scores (filled layer by layer), ``None`` when not needed.
+        positions: ``[T]`` the positions the policy decides over, in order: those that chunk eviction left
+            (``madakv_sglang.chunk_eviction``); ``None`` means all n (T = n). The budget is always n's.
         replay: a stored decision to apply instead of running the policy.
         skipped: why the prompt is kept whole without running the policy (``policies.base.SKIP_REASONS``), 0 when
             it is compressed.
@@ -90,6 +93,12 @@ class Finishing:
     scores: Tensor | None = None
     replay: Replay | None = None
     skipped: int = NOT_SKIPPED
+    positions: Tensor | None = None
+
+    @property
+    def decided_len(self) -> int:
+        """T, the length of the prompt the policy sees."""
+        return self.prompt_len if self.positions is None else int(self.positions.numel())
 
 
 @dataclass
@@ -129,22 +138,25 @@ def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) ->
             decisions[index] = _replayed(request, request.replay)
         elif request.skipped != NOT_SKIPPED:
             decisions[index] = _whole(request, geometry)
+        elif request.positions is not None:
+            # The skip rule was applied to the whole prompt before its first cut; the survivors are decided.
+            groups.setdefault(request.config.replace(min_prompt=0, min_reclaim=0.0), []).append(index)
         else:
             groups.setdefault(request.config, []).append(index)
     for config, members in groups.items():
         policy = get_policy(config.policy)
         chosen = [requests[i] for i in members]
-        width = max(r.prompt_len for r in chosen)
+        width = max(r.decided_len for r in chosen)
         device = chosen[0].visual.device
         visual = torch.zeros(len(chosen), width, dtype=torch.bool, device=device)
         scores = None
         if policy.score_source != "none":
             scores = torch.zeros(len(chosen), geometry.num_layers, geometry.local_heads, width, device=device)
         for slot, request in enumerate(chosen):
-            visual[slot, : request.prompt_len] = request.visual
+            visual[slot, : request.decided_len] = request.visual
             if scores is not None:
                 assert request.scores is not None, "window scores missing for a policy that ranks by them"
-                scores[slot, :, :, : request.prompt_len] = request.scores
+                scores[slot, :, :, : request.decided_len] = request.scores
         if scores is not None and geometry.replicas > 1:
             scores = comm.merge_replica_scores(scores, config.gqa)
         padding = geometry.padding_columns()
@@ -153,10 +165,10 @@ def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) ->
             scores[:, :, padding] = 0
         if scores is not None and (geometry.replicas > 1 or padding is not None):
             for slot, request in enumerate(chosen):
-                request.scores = scores[slot, :, :, : request.prompt_len]
+                request.scores = scores[slot, :, :, : request.decided_len]
         inputs = PolicyInputs(
             visual=visual,
-            prompt_len=torch.tensor([r.prompt_len for r in chosen], device=device),
+            prompt_len=torch.tensor([r.decided_len for r in chosen], device=device),
             nominal_budget=torch.tensor([config.budget.tokens_for(r.prompt_len) for r in chosen], device=device),
             num_layers=geometry.num_layers,
             total_heads=geometry.total_heads,
@@ -166,8 +178,13 @@ def decide(requests: list[Finishing], geometry: Geometry, comm: Comm = LOCAL) ->
         )
         selection = policy.select(inputs, config, comm)
         for slot, index in enumerate(members):
-            n = requests[index].prompt_len
-            decisions[index] = Decision(selection.keep[slot, :, :, :n], selection.all_head_counts[slot])
+            request = requests[index]
+            keep = selection.keep[slot, :, :, : request.decided_len]
+            if request.positions is not None:
+                logical = keep.new_zeros(*keep.shape[:2], request.prompt_len)
+                logical[:, :, request.positions] = keep
+                keep = logical
+            decisions[index] = Decision(keep, selection.all_head_counts[slot])
     return [d for d in decisions if d is not None]
 
 
@@ -254,49 +271,55 @@ def pack_batch(
     one scatter (per layer for ``per-layer``). ``rows_map`` is ``req_to_token``. A request whose heads keep every
     position gets ``None`` (nothing to pack or free)."""
     start = time.perf_counter()
-    plans: list[tuple[int, int, PackPlan] | None] = []
+    plans: list[tuple[int, int, Tensor, PackPlan] | None] = []
     for request, decision in zip(requests, decisions, strict=True):
         if bool(decision.keep.all()):
             plans.append(None)
             continue
         n = request.prompt_len
         row_slots = rows_map[request.row, :n].long()
+        # The slots the row still owns, in order: all n, or fewer once chunk eviction has cut the prompt (a cut
+        # position points at the padding slot 0, which SGLang never allocates).
+        owned = row_slots[row_slots != 0]
         slots = int(slot_count(decision.all_head_counts[None], tp_size, layout=pool.layout)[0])
         rows = pool.rows if pool.layout == "shared" else None
-        plans.append((request.row, slots, pack_plan(decision.keep, row_slots, row_slots[:slots], rows=rows)))
+        plans.append((request.row, slots, owned, pack_plan(decision.keep, row_slots, owned[:slots], rows=rows)))
     chosen = [p for p in plans if p is not None]
     if not chosen:
         return [None] * len(plans)
     if pool.layout == "shared":
         assert pool.k_cells is not None and pool.v_cells is not None
-        src = torch.cat([c for _, _, plan in chosen for c in plan.src])
-        dst = torch.cat([c for _, _, plan in chosen for c in plan.dst])
+        src = torch.cat([c for *_, plan in chosen for c in plan.src])
+        dst = torch.cat([c for *_, plan in chosen for c in plan.dst])
         pack_shared_cells(pool.k_cells, pool.v_cells, src, dst)
     else:
         layers = len(pool.k_layers)
-        src_layers = [torch.cat([plan.src[layer] for _, _, plan in chosen]) for layer in range(layers)]
-        dst_layers = [torch.cat([plan.dst[layer] for _, _, plan in chosen]) for layer in range(layers)]
+        src_layers = [torch.cat([plan.src[layer] for *_, plan in chosen]) for layer in range(layers)]
+        dst_layers = [torch.cat([plan.dst[layer] for *_, plan in chosen]) for layer in range(layers)]
         assert pool.pack_layers is not None
         pool.pack_layers(pack_moves(src_layers, dst_layers))
     if poison_enabled():
-        for row, slots, plan in chosen:
-            _poison_unused(pool, rows_map[row, :slots].long(), plan)
+        for _, slots, owned, plan in chosen:
+            _poison_unused(pool, owned[:slots], plan)
     seconds = (time.perf_counter() - start) / len(chosen)
     out: list[PackedRow | None] = []
     for request, decision, planned in zip(requests, decisions, plans, strict=True):
         if planned is None:
             out.append(None)
             continue
-        row, slots, plan = planned
+        row, slots, owned, plan = planned
         n = request.prompt_len
         waste = int(packing_waste(decision.all_head_counts[None], torch.tensor([slots]))[0])
+        pending = owned[slots:].to(rows_map.dtype)
+        rows_map[row, :slots] = owned[:slots].to(rows_map.dtype)
+        rows_map[row, slots:n] = 0  # evicted positions -> the padding slot
         out.append(
             PackedRow(
                 prompt_len=n,
                 slots=slots,
                 cells=plan.dst,
                 indptr=plan.indptr,
-                pending_free=rows_map[row, slots:n].clone(),
+                pending_free=pending,
                 waste_cells=waste,
                 compress_seconds=seconds,
             )

@@ -34,6 +34,10 @@ _HELP = {
     "min_prompt": "prompts shorter than this many tokens are not compressed",
     "min_reclaim": "prompts whose budget would reclaim less than this share of them are not compressed",
     "layout": "where kept cells live: shared (all layers' cells are one pool) or per-layer (each layer's own)",
+    "prefill_evict": "chunk: after every prefill chunk but the last, cut the prompt so far to prefill_keep x its "
+    "final budget, so a long prompt never holds all its slots (needs --chunked-prefill-size)",
+    "prefill_keep": "what a cut between prefill chunks keeps, as a multiple of the final budget (>= 1)",
+    "prefill_split": "how a cut between prefill chunks splits what it keeps: by modality attention mass, or none",
 }
 
 

@@ -16,6 +16,7 @@ ENGINE_MODULES = frozenset(
         "test_demo",
         "test_edges",
         "test_engine_smollm2",
+        "test_engine_prefill_evict",
         "test_engine_text",
         "test_engine_tp",
         "test_engine_vlm",

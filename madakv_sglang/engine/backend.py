@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from madakv_sglang import chunk_eviction
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.engine import state as scheduler_state
 from madakv_sglang.engine.environment import BASE_BACKEND_ENV, is_compressing, server_config
@@ -113,6 +114,35 @@ class _ExtendEntry:
     finishing: Finishing | None
     replay: Replay | None  # a retracted request's stored decision: its later positions attend through it
     remember: Callable[[Replay], None] | None  # where this prompt's decision is stored for a retraction
+    view: _ChunkView | None = None  # what the chunk attends to when that is not plain causal, and any cut after it
+
+
+@dataclass
+class _ChunkView:
+    """How one chunk of a cut or replayed prompt attends, worked out once per forward (``chunk_eviction``).
+
+    Attributes:
+        key_pos: ``[Tk]`` the positions the chunk's queries may read, in order: what survives before the chunk,
+            then the chunk itself.
+        key_slots: ``[Tk]`` their slots.
+        visual: ``[Tk]`` bool, which of them are visual.
+        first_row: rows of the chunk before this one are plain causal over every position, as the base backend
+            computed them; from it on the backend computes them itself (``None``: the base backend is right for
+            every row, the view only serves a cut's scores).
+        mask: ``[Tq - first_row, Tk]`` what each computed row sees (``None`` with ``first_row``).
+        late_rows: ``[Tq - first_row]`` bool, rows past a replay's stored prompt (they read each head's kept set).
+        cut_target: survivors after the cut that follows this chunk; ``None`` when none follows.
+        scores: ``[L, H_r, Tk]`` the window scores a cut ranks by, filled layer by layer.
+    """
+
+    key_pos: Tensor
+    key_slots: Tensor
+    visual: Tensor
+    first_row: int | None
+    mask: Tensor | None
+    late_rows: Tensor | None
+    cut_target: int | None
+    scores: Tensor | None
 
 
 class _MadaKVMixin:
@@ -190,21 +220,27 @@ class _MadaKVMixin:
             chunk = queries[entry.token_start : entry.token_end]
             state = self.state.open(entry.row, entry.generation)
             previous = state.query_tail.get(layer_index)
-            if entry.replay is not None:
-                self._replay_rows(out, q, layer, entry)
+            view = entry.view
+            if view is not None and view.first_row is not None:
+                self._attend_view(out, q, layer, entry, view)
+            joined = chunk if previous is None else torch.cat([previous, chunk])
             if entry.needs_tail:
-                joined = chunk if previous is None else torch.cat([previous, chunk])
                 state.query_tail[layer_index] = joined[-entry.config.window :].clone()
             finishing = entry.finishing
-            if finishing is not None and finishing.scores is not None:
-                n = finishing.prompt_len
-                width = min(entry.config.window, n)
-                joined = chunk if previous is None else torch.cat([previous, chunk])
-                keys = keys_all[rows_map[entry.row, :n].long()]
-                finishing.scores[layer_index] = window_scores(
-                    joined[-width:], keys, scale=layer.scaling, gqa=entry.config.gqa
-                )
+            scores = finishing.scores if finishing is not None else None
+            if view is not None and view.scores is not None:
+                scores = view.scores
+            if scores is not None:
+                if view is not None:
+                    keys = keys_all[view.key_slots]
+                else:
+                    seq = entry.prefix_len + (entry.token_end - entry.token_start)
+                    keys = keys_all[rows_map[entry.row, :seq].long()]
+                width = min(entry.config.window, keys.shape[0], joined.shape[0])
+                scores[layer_index] = window_scores(joined[-width:], keys, scale=layer.scaling, gqa=entry.config.gqa)
         if layer_index == self.num_layers - 1:
+            self._cut_chunks()
+            self._free_replayed_cuts()
             self._compress_finished()
         return out
 
@@ -266,30 +302,43 @@ class _MadaKVMixin:
             replay = _replay_of(info)
             skipped = NOT_SKIPPED if replay is not None else skip_code(full_len, config)
             scored = replay is None and not skipped and get_policy(config.policy).score_source == "window"
+            generation = self._generation(row)
+            state = self.state.get(row, generation)
+            if scored and config.prefill_evict == "chunk" and seq < full_len and prefix == 0:
+                state = self.state.open(row, generation)
+                state.cut_at = torch.full((full_len,), chunk_eviction.NEVER, dtype=torch.int32, device=self.device)
+            cut_at = replay.cut_at if replay is not None else (state.cut_at if state is not None else None)
+            visual = visual_mask(mm_inputs[i], seq).to(self.device)
+            view = None
+            if cut_at is not None or (replay is not None and seq > replay.keep.shape[-1]):
+                view = self._chunk_view(row, prefix, seq, full_len, config, cut_at, replay, visual)
             finishing = None
             # Every finished prompt gets a decision, even one too short to evict from: a retraction then replays
             # "keep everything" instead of compressing the longer re-prefill afresh.
             if seq >= full_len:
+                positions = view.key_pos if view is not None and replay is None else None
+                decided = seq if positions is None else int(positions.numel())
                 finishing = Finishing(
                     row=row,
                     prompt_len=seq,
-                    visual=visual_mask(mm_inputs[i], seq).to(self.device),
+                    visual=visual if positions is None else visual[positions],
                     config=config,
                     scores=(
-                        torch.zeros(self.num_layers, self.local_heads, seq, device=self.device) if scored else None
+                        torch.zeros(self.num_layers, self.local_heads, decided, device=self.device) if scored else None
                     ),
                     replay=replay,
                     skipped=skipped,
+                    positions=positions,
                 )
             needs_tail = seq < full_len and scored
-            if finishing is None and not needs_tail and replay is None:
+            if finishing is None and not needs_tail and view is None:
                 continue
             rid = info.rid if info is not None else f"row{row}"
             entries.append(
                 _ExtendEntry(
                     rid,
                     row,
-                    self._generation(row),
+                    generation,
                     start,
                     token,
                     prefix,
@@ -298,9 +347,133 @@ class _MadaKVMixin:
                     finishing,
                     replay,
                     info.remember if info is not None else None,
+                    view,
                 )
             )
         return entries
+
+    def _chunk_view(
+        self,
+        row: int,
+        prefix: int,
+        seq: int,
+        full_len: int,
+        config: PolicyConfig,
+        cut_at: Tensor | None,
+        replay: Replay | None,
+        visual: Tensor,
+    ) -> _ChunkView | None:
+        """What the chunk ``[prefix, seq)`` reads when chunk eviction cut its prompt (``cut_at``) or a replay's
+        positions past the stored prompt read each head's kept set; ``None`` when plain causal attention over
+        every position is right and no cut follows."""
+        device = self.device
+        n0 = replay.keep.shape[-1] if replay is not None else full_len
+        chunk_pos = torch.arange(prefix, seq, device=device)
+        if cut_at is None:
+            prior = torch.arange(prefix, device=device)
+            key_cut = torch.full((seq,), chunk_eviction.NEVER, dtype=torch.int32, device=device)
+        else:
+            cut_at = cut_at.to(device)
+            # Positions a cut dropped at or before this chunk's start are gone (their slots already freed).
+            prior = torch.nonzero(cut_at[:prefix] > prefix).flatten()
+            key_cut = torch.full((seq,), chunk_eviction.NEVER, dtype=torch.int32, device=device)
+            known = min(seq, cut_at.numel())
+            key_cut[:known] = cut_at[:known]
+        key_pos = torch.cat([prior, chunk_pos])
+        cut_target = None
+        if replay is None and seq < full_len:
+            budget = min(max(config.budget.tokens_for(full_len), config.min_keep or 1), full_len)
+            protected = min(config.sink + config.window, int(key_pos.numel()))
+            target = chunk_eviction.survivor_target(
+                budget, config.prefill_keep_fraction, protected, int(key_pos.numel())
+            )
+            cut_target = target if target < key_pos.numel() else None
+        # The base backend's rows are right while every earlier position is present and none is dropped inside
+        # this chunk; replay rows past the stored prompt are always ours.
+        first = None
+        if int(prior.numel()) < prefix or bool((key_cut[key_pos] <= seq - 1).any()):
+            first = prefix
+        elif replay is not None and seq > n0:
+            first = max(prefix, n0)
+        needs_scores = cut_target is not None or (seq >= full_len and replay is None and cut_at is not None)
+        if first is None and not needs_scores:
+            return None
+        key_slots = self.req_to_token_pool.req_to_token[row, key_pos].long()
+        mask = late = None
+        if first is not None:
+            query_pos = torch.arange(first, seq, device=device)
+            mask = chunk_eviction.visible(query_pos, key_pos, key_cut[key_pos])
+            late = query_pos >= n0 if replay is not None else None
+        scores = None
+        if cut_target is not None:
+            scores = torch.zeros(self.num_layers, self.local_heads, int(key_pos.numel()), device=device)
+        first_row = None if first is None else first - prefix
+        return _ChunkView(key_pos, key_slots, visual[key_pos], first_row, mask, late, cut_target, scores)
+
+    def _attend_view(self, out: Tensor, q: Tensor, layer: Any, entry: _ExtendEntry, view: _ChunkView) -> None:
+        """Overwrite the base backend's rows from ``view.first_row`` on with attention over what the view says
+        each row sees; rows past a replay's stored prompt read, per head, the kept set it stores."""
+        assert view.first_row is not None and view.mask is not None
+        hq, dim = layer.tp_q_head_num, layer.qk_head_dim
+        rows = slice(entry.token_start + view.first_row, entry.token_end)
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[view.key_slots]
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[view.key_slots]
+        mask = view.mask
+        if entry.replay is not None and view.late_rows is not None and bool(view.late_rows.any()):
+            replay = entry.replay
+            n0 = replay.keep.shape[-1]
+            stored = view.key_pos < n0
+            head_keep = torch.ones(self.local_heads, view.key_pos.numel(), dtype=torch.bool, device=mask.device)
+            layer_keep = replay.keep[layer.layer_id - self.start_layer].to(mask.device)
+            head_keep[:, stored] = layer_keep[:, view.key_pos[stored]]
+            mask = mask[None] & torch.where(view.late_rows[None, :, None], head_keep[:, None, :], True)
+        attended = chunk_eviction.attend(q.view(-1, hq, dim)[rows], keys, values, mask, layer.scaling)
+        out.view(-1, hq, layer.v_head_dim)[rows] = attended.to(out.dtype)
+
+    def _cut_chunks(self) -> None:
+        """After the last layer: cut every prompt whose chunk asks for it, and point the dropped positions at the
+        padding slot; the scheduler frees their slots after the forward (``RowState.cut_pending``). Every rank
+        cuts the same requests in the same order, so the collectives line up."""
+        padding = self.geometry.padding_columns()
+        for entry in self._extend:
+            view = entry.view
+            if view is None or view.cut_target is None or view.scores is None:
+                continue
+            totals = chunk_eviction.position_scores(
+                view.scores, self.comm, self.geometry.replicas, padding, entry.config.gqa
+            )
+            seq = entry.prefix_len + (entry.token_end - entry.token_start)
+            protected = chunk_eviction.protected_positions(
+                int(view.key_pos.numel()), entry.config.sink, entry.config.window, device=totals.device
+            )
+            keep = chunk_eviction.cut(
+                totals, view.visual, protected, view.cut_target, entry.config, entry.config.prefill_split
+            )
+            dropped = view.key_pos[~keep]
+            state = self.state.open(entry.row, entry.generation)
+            assert state.cut_at is not None
+            state.cut_at[dropped] = seq
+            self._drop_positions(state, entry.row, dropped)
+
+    def _free_replayed_cuts(self) -> None:
+        """A replay drops what the original run's cuts dropped, once its re-prefill has passed the cut."""
+        rows_map = self.req_to_token_pool.req_to_token
+        for entry in self._extend:
+            replay = entry.replay
+            if replay is None or replay.cut_at is None:
+                continue
+            seq = min(entry.prefix_len + (entry.token_end - entry.token_start), replay.cut_at.numel())
+            cut_at = replay.cut_at[:seq].to(self.device)
+            present = rows_map[entry.row, :seq] != 0
+            dropped = torch.nonzero(present & (cut_at <= seq)).flatten()
+            if dropped.numel():
+                self._drop_positions(self.state.open(entry.row, entry.generation), entry.row, dropped)
+
+    def _drop_positions(self, state: scheduler_state.RowState, row: int, positions: Tensor) -> None:
+        rows_map = self.req_to_token_pool.req_to_token
+        slots = rows_map[row, positions].clone()
+        rows_map[row, positions] = 0
+        state.cut_pending = slots if state.cut_pending is None else torch.cat([state.cut_pending, slots])
 
     def _compress_finished(self) -> None:
         entries = [e for e in self._extend if e.finishing is not None]
@@ -321,45 +494,19 @@ class _MadaKVMixin:
         )
         packed_of = {id(r): p for (r, _), p in zip(compressed, packed_rows, strict=True)}
         for entry, request, decision in zip(entries, finishing, decisions, strict=True):
-            if entry.remember is not None and request.replay is None:
-                entry.remember(_stored(decision))
             state = self.state.open(request.row, self._generation(request.row))
+            if entry.remember is not None and request.replay is None:
+                entry.remember(_stored(decision, state.cut_at))
             state.query_tail.clear()
+            state.cut_at = None
             if request.skipped:
                 state.skipped = SKIP_REASONS[request.skipped]
                 continue
             packed = packed_of[id(request)]
             if packed is None:
                 continue
-            rows_map[request.row, packed.slots : request.prompt_len] = 0  # evicted positions -> padding slot
             packed.compress_seconds += decide_share
             state.packed = packed
-
-    def _replay_rows(self, out: Tensor, q: Tensor, layer: Any, entry: _ExtendEntry) -> None:
-        """Positions past a retracted request's original prompt attend only to its kept cells and, causally,
-        to each other, as they did in decode before the retraction; overwrite the dense rows for them."""
-        replay = entry.replay
-        assert replay is not None
-        n0 = replay.keep.shape[-1]
-        seq = entry.prefix_len + (entry.token_end - entry.token_start)
-        first = max(entry.prefix_len, n0)
-        if first >= seq:
-            return
-        hq, dim = layer.tp_q_head_num, layer.qk_head_dim
-        heads = self.local_heads
-        rows = slice(entry.token_start + first - entry.prefix_len, entry.token_end)
-        queries = q.view(-1, hq, dim)[rows].float().view(-1, heads, hq // heads, dim)  # [T, H, G, D]
-        slots = self.req_to_token_pool.req_to_token[entry.row, :seq].long()
-        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[slots].float()  # [S, H, D]
-        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[slots].float()
-        query_pos = torch.arange(first, seq, device=keys.device)
-        key_pos = torch.arange(seq, device=keys.device)
-        visible = (key_pos[None, None, :] <= query_pos[None, :, None]).expand(heads, -1, -1).clone()  # [H, T, S]
-        visible[:, :, :n0] = replay.keep[layer.layer_id - self.start_layer].to(keys.device)[:, None, :]
-        logits = torch.einsum("thgd,shd->hgts", queries, keys) * layer.scaling
-        logits = logits.masked_fill(~visible[:, None], float("-inf"))
-        attended = torch.einsum("hgts,shd->thgd", torch.softmax(logits, dim=-1), values)
-        out.view(-1, hq, layer.v_head_dim)[rows] = attended.reshape(-1, hq, layer.v_head_dim).to(out.dtype)
 
     # ---- decode: per-layer, per-head cell lists ----
 
@@ -434,6 +581,7 @@ def _dump(directory: str, rid: str, request: Finishing, decision: Decision, geom
     """One file per request and rank: what the policy saw and decided (``<rid>.pt``, ``<rid>.tp<r>.pt`` under TP)."""
     record = {
         "prompt_len": request.prompt_len,
+        "positions": None if request.positions is None else request.positions.cpu(),
         "visual": request.visual.cpu(),
         "scores": None if request.scores is None else request.scores.cpu(),
         "keep": decision.keep.cpu(),
@@ -456,10 +604,14 @@ def _replay_of(info: RequestInfo | None) -> Replay | None:
     return None if info is None else info.replay
 
 
-def _stored(decision: Decision) -> Replay:
-    """What a retraction replays: the decision over the original prompt (host copies: the request outlives the
-    forward, and a retraction frees its device memory)."""
-    return Replay(keep=decision.keep.cpu(), all_head_counts=decision.all_head_counts.cpu())
+def _stored(decision: Decision, cut_at: Tensor | None) -> Replay:
+    """What a retraction replays: the decision over the original prompt and where chunk eviction cut it (host
+    copies: the request outlives the forward, and a retraction frees its device memory)."""
+    return Replay(
+        keep=decision.keep.cpu(),
+        all_head_counts=decision.all_head_counts.cpu(),
+        cut_at=None if cut_at is None else cut_at.cpu(),
+    )
 
 
 __all__ = ["BASE_BACKEND_ENV", "PackedRow", "create_backend"]

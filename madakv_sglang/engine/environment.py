@@ -81,6 +81,15 @@ def check_servable(config: PolicyConfig) -> None:
         raise ConfigError(
             f"policy: {config.policy!r} needs every prompt query's attention and runs in the HF path only"
         )
+    if config.prefill_evict == "chunk" and is_compressing(config):
+        from madakv_sglang.policies import get_policy, policy_names
+
+        if get_policy(config.policy).score_source != "window":
+            scored = [name for name in policy_names() if get_policy(name).score_source == "window"]
+            raise ConfigError(
+                f"prefill_evict: chunk cuts the prompt by the observation window's attention, which policy "
+                f"{config.policy!r} does not use; use prefill_evict off, or one of {', '.join(scored)}"
+            )
 
 
 def config_to_env(config: PolicyConfig, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

@@ -540,8 +540,20 @@ def _check_final(server_args: Any, previous: Callable[[Any], None]) -> None:
         return
     cfg = resolving_view(server_args)
     problems = unsupported_settings(cfg, config) + _final_problems(cfg) + _budget_problems(server_args, config)
+    problems += _prefill_evict_problems(cfg, config)
     if problems:
         _refuse(server_args, problems)
+
+
+def _prefill_evict_problems(cfg: Any, config: PolicyConfig) -> list[str]:
+    """``--kv-prefill-evict chunk`` cuts between prefill chunks, so it needs SGLang to chunk prompts."""
+    size = cfg.chunked_prefill_size
+    if config.prefill_evict != "chunk" or (size is not None and size > 0):
+        return []
+    return [
+        f"--kv-prefill-evict chunk cuts a prompt between its prefill chunks, but chunked prefill is off "
+        f"(--chunked-prefill-size {size}); set --chunked-prefill-size (e.g. 512) or use --kv-prefill-evict off"
+    ]
 
 
 def _budget_problems(server_args: Any, config: PolicyConfig) -> list[str]:

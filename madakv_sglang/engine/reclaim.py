@@ -10,6 +10,7 @@ compressing policy is configured, keep SGLang's bookkeeping exact:
   the NaN-poison debug mode overwrite freed slots so a later read of them shows.
 - ``kv_private_tokens``: a packed request owns M + generated slots, not its whole row.
 - ``ReqToTokenPool.free_rows``: forget a row's state when SGLang recycles it.
+- ``PrefillAdder``: chunk-evicting requests' chunks end on the chunk-size grid (``engine.admission``).
 - ``MHATokenToKVPool._create_buffers_normal``: with ``--kv-layout shared``, every layer's K and V as views of one
   allocation (``engine.pool``).
 - ``SchedulerOutputStreamer.is_request_level_customized_info_key``: send the per-request numbers once, as
@@ -28,12 +29,13 @@ from typing import Any
 import torch
 
 from madakv_sglang.config import ConfigError, PolicyConfig
+from madakv_sglang.engine import admission
 from madakv_sglang.engine import state as scheduler_state
 from madakv_sglang.engine.environment import server_config
 from madakv_sglang.engine.metrics import record_compression, record_skip
 from madakv_sglang.engine.pool import around_create_buffers_normal
 from madakv_sglang.engine.state import RequestInfo
-from madakv_sglang.log_lines import format_batch, format_compressed, format_skipped
+from madakv_sglang.log_lines import format_batch, format_compressed, format_cut, format_skipped
 from madakv_sglang.packing import PackedRow, Replay, poison_enabled
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ def install_hooks() -> None:
         _around_request_level_key,
         HookType.AROUND,
     )
+    admission.install_hooks()
     _installed = True
 
 
@@ -137,14 +140,18 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         if state.skipped is not None:
             _report_skipped(req, state.skipped, len(req.origin_input_ids), request_policy(req))
             state.skipped = None
+        if state.cut_pending is not None:
+            dropped = _give_back(allocator, state, state.cut_pending)
+            state.cut_pending = None
+            freed_now += dropped
+            seen = int(req.kv.kv_allocated_len)
+            logger.info(format_cut(req.rid, seen, seen - state.returned, dropped))
         packed = state.packed
         if packed is None or packed.pending_free is None:
             continue
-        slots = packed.pending_free
+        freed_now += _give_back(allocator, state, packed.pending_free)
         packed.pending_free = None
-        allocator.free(slots)
-        packed.evicted = int(slots.numel())
-        freed_now += packed.evicted
+        packed.evicted = state.returned
         _report(req, packed, request_policy(req).policy)
     if freed_now:
         # SGLang stops trying to admit prefills once an admission failed, until a running request leaves
@@ -155,6 +162,12 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         logger.info(
             format_batch(freed_now, shared.reclaimed_total, allocator.available_size(), allocator.size, rows, held)
         )
+
+
+def _give_back(allocator: Any, state: scheduler_state.RowState, slots: torch.Tensor) -> int:
+    allocator.free(slots)
+    state.returned += int(slots.numel())
+    return int(slots.numel())
 
 
 def _set_meta(req: Any, summary: dict[str, Any]) -> None:
@@ -229,8 +242,9 @@ def _poison_slots(allocator: Any, slots: torch.Tensor) -> None:
 def _around_kv_private_tokens(original: Any, kv: Any, *args: Any, **kwargs: Any) -> int:
     owned = int(original(kv, *args, **kwargs))
     shared = scheduler_state.current()
-    packed = shared.packed(kv.req_pool_idx) if shared is not None and kv.req_pool_idx is not None else None
-    return owned - packed.evicted if packed is not None else owned
+    if shared is None or kv.req_pool_idx is None:
+        return owned
+    return owned - shared.returned(kv.req_pool_idx)
 
 
 def _around_free_rows(original: Any, pool: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:

@@ -26,6 +26,9 @@ class RowState:
     query_tail: dict[int, Tensor] = field(default_factory=dict)  # layer -> last W prompt queries so far
     packed: PackedRow | None = None
     skipped: str | None = None  # why the prompt was kept whole, until the scheduler has reported it
+    cut_at: Tensor | None = None  # chunk eviction: [n] int32, the chunk end that dropped each position
+    cut_pending: Tensor | None = None  # slots the last cut dropped, until the scheduler frees them
+    returned: int = 0  # slots given back so far (cuts and the pack): what the accounting hook subtracts
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class SchedulerState:
         state = self._rows.get(row)
         return None if state is None else state.packed
 
+    def returned(self, row: int) -> int:
+        """Slots a live row has given back (the caller holds the row, so the generation is current)."""
+        state = self._rows.get(row)
+        return 0 if state is None else state.returned
+
     def drop(self, row: int) -> None:
         self._rows.pop(row, None)
 
@@ -102,6 +110,7 @@ class SchedulerState:
         total = 0
         for state in self._rows.values():
             tensors = list(state.query_tail.values())
+            tensors += [t for t in (state.cut_at, state.cut_pending) if t is not None]
             if state.packed is not None:
                 tensors += [*state.packed.cells, state.packed.indptr]
             total += sum(t.numel() * t.element_size() for t in tensors)

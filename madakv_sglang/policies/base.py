@@ -251,13 +251,21 @@ def budget_state(inputs: PolicyInputs, cfg: PolicyConfig, sinks: bool = True) ->
 def ranking_scores(scores: Tensor, state: BudgetState, visual: Tensor, cfg: PolicyConfig) -> Tensor:
     """psi pooled for ranking only, never across a modality run or into the protected tokens (docs/design.md §2
     step 8)."""
+    return pooled_within_modalities(scores, visual, state.protected_mask, state.valid, cfg)
+
+
+def pooled_within_modalities(
+    scores: Tensor, visual: Tensor, protected: Tensor, valid: Tensor, cfg: PolicyConfig
+) -> Tensor:
+    """``[R, L, H, N]`` scores pooled by ``cfg.pooling`` within runs of one modality, never into the ``[R, N]``
+    protected positions or past the valid ones."""
     if cfg.pooling == "none":
         return scores
     # A segment is a maximal run of one modality; ids grow at every modality change.
     change = torch.zeros_like(visual, dtype=torch.long)
     change[:, 1:] = (visual[:, 1:] != visual[:, :-1]).long()
     run_id = change.cumsum(dim=-1) + 1
-    segments = torch.where(state.protected_mask, _SEG_PROTECTED, torch.where(state.valid, run_id, _SEG_PAD))
+    segments = torch.where(protected, _SEG_PROTECTED, torch.where(valid, run_id, _SEG_PAD))
     return pool_within_segments(scores, segments[:, None, None, :], cfg.pool_kernel, cfg.pooling)
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import torch
 
-from madakv_sglang import tiny_models
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.log_lines import batch_lines
 from tests.mm_inputs import reclaim_lines
 from tests.sglang_server import Server
+from tests.text_requests import finite_logprobs, generate, random_prompts, write_tiny_qwen2
 
 WINDOW = 8
 CHUNK = 48  # prefill chunk: prompts longer than this are prefilled in several forwards
@@ -31,34 +31,21 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    model, _ = tiny_models.qwen2(seed=0)
-    model.config.max_position_embeddings = 2048
-    model.config.architectures = ["Qwen2ForCausalLM"]
-    model.save_pretrained(path)
-    return path
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 def _prompts(lengths: tuple[int, ...], seed: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, tiny_models.IMAGE_TOKEN, (n,), generator=generator).tolist() for n in lengths]
+    return random_prompts(lengths, seed)
 
 
 def _generate(
     server: Server, ids: list[int], max_new: int = MAX_NEW, custom: dict[str, Any] | None = None, rid: str | None = None
 ) -> dict[str, Any]:
-    sampling: dict[str, Any] = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
-    if custom:
-        sampling["custom_params"] = custom
-    payload: dict[str, Any] = {"input_ids": ids, "sampling_params": sampling, "return_logprob": True}
-    if rid:
-        payload["rid"] = rid
-    return dict(server.post("/generate", payload))
+    return generate(server, ids, max_new, custom, rid)
 
 
 def _finite_logprobs(output: dict[str, Any]) -> bool:
-    values = [entry[0] for entry in output["meta_info"]["output_token_logprobs"]]
-    return all(math.isfinite(v) for v in values)
+    return finite_logprobs(output)
 
 
 BASE_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--chunked-prefill-size", str(CHUNK)]

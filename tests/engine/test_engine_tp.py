@@ -29,7 +29,7 @@ from madakv_sglang import tiny_models
 from madakv_sglang.checkpoints import write_checkpoint, write_test_image
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
-from madakv_sglang.log_lines import batch_lines, request_lines
+from madakv_sglang.log_lines import batch_lines, cut_lines, request_lines
 from madakv_sglang.packing import Finishing, Geometry, decide
 from tests.sglang_server import CPU_ARGS, CPU_ENV, Server, free_port
 
@@ -68,17 +68,15 @@ def _serve(checkpoint: Path, tp: int, root: Path, args: list[str] = TEXT_ARGS) -
     return Server(checkpoint, [*args, "--tp", str(tp)], root / f"tp{tp}.log", env=env, startup_timeout=400)
 
 
-def _generate_all(server: Server, tag: str) -> dict[str, dict[str, Any]]:
+def _generate_all(server: Server, tag: str, custom: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Every prompt at once, so decisions are batched over several requests per forward."""
     results: dict[str, dict[str, Any]] = {}
 
     def run(index: int, ids: list[int]) -> None:
-        payload = {
-            "input_ids": ids,
-            "rid": f"{tag}{index}",
-            "return_logprob": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
-        }
+        sampling: dict[str, Any] = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+        if custom:
+            sampling["custom_params"] = custom
+        payload = {"input_ids": ids, "rid": f"{tag}{index}", "return_logprob": True, "sampling_params": sampling}
         results[f"{tag}{index}"] = dict(server.post("/generate", payload))
 
     threads = [threading.Thread(target=run, args=(i, ids)) for i, ids in enumerate(_prompts())]
@@ -110,7 +108,14 @@ def _check_ranks_against_one_rank_policy(dump: Path, log: str, rid: str, tp: int
     keep = torch.cat([b["keep"] for b in blocks], dim=1)
     assert scores.shape[1] == keep.shape[1] == total
     n = ranks[0]["prompt_len"]
-    request = Finishing(row=0, prompt_len=n, visual=ranks[0]["visual"], config=POLICY, scores=scores)
+    positions = ranks[0].get("positions")
+    for record in ranks:  # chunk eviction: every rank cut the same positions
+        assert (positions is None) == (record.get("positions") is None)
+        assert positions is None or torch.equal(record["positions"], positions), f"{rid}: ranks cut differently"
+    config = POLICY if positions is None else POLICY.replace(prefill_evict="chunk")
+    request = Finishing(
+        row=0, prompt_len=n, visual=ranks[0]["visual"], config=config, scores=scores, positions=positions
+    )
     one_rank = decide([request], Geometry(LAYERS, total, total, 0, 1))[0]
     assert torch.equal(keep, one_rank.keep), f"{rid}: the ranks kept other cells than the one-rank policy"
     for record in ranks:
@@ -122,8 +127,10 @@ def _check_ranks_against_one_rank_policy(dump: Path, log: str, rid: str, tp: int
     return keep
 
 
-def _compare_with_tp1(tp: int, tp1: Server, tpn: Server, root: Path) -> dict[str, float]:
-    ones, many = _generate_all(tp1, "a"), _generate_all(tpn, "a")
+def _compare_with_tp1(
+    tp: int, tp1: Server, tpn: Server, root: Path, tag: str = "a", custom: dict[str, Any] | None = None
+) -> dict[str, float]:
+    ones, many = _generate_all(tp1, tag, custom), _generate_all(tpn, tag, custom)
     worst, overlaps = 0.0, []
     for rid, single in ones.items():
         multi = many[rid]
@@ -136,7 +143,7 @@ def _compare_with_tp1(tp: int, tp1: Server, tpn: Server, root: Path) -> dict[str
         keep_1 = torch.load(root / "dump_tp1" / f"{rid}.pt")["keep"]
         real = keep_1.shape[1]  # SGLang's CPU TP pads KV heads to a multiple of the TP size; compare real heads
         overlaps.append(float((keep_1 & keep_n[:, :real]).sum() / keep_1.sum()))
-        assert single["meta_info"]["madakv"][0]["prompt_slots"] == len(_prompts()[int(rid[1:])])
+        assert single["meta_info"]["madakv"][0]["prompt_slots"] == len(_prompts()[int(rid[len(tag) :])])
     assert worst <= LOGPROB_TOLERANCE, worst
     assert min(overlaps) >= MIN_KEPT_OVERLAP, overlaps
     return {"worst_logprob_gap": worst, "min_kept_overlap": min(overlaps)}
@@ -154,6 +161,21 @@ def test_tp2_ranks_agree_and_match_tp1(servers: Any) -> None:
     measured = _compare_with_tp1(2, tp1, tp2, root)
     print(f"TP=2 vs TP=1: {measured}")
     assert "madakv: backend ready" in tp2.log() and "TP 2: heads 1..1 of 2" in tp2.log()
+
+
+def test_tp2_ranks_cut_the_same_positions_between_chunks_and_match_tp1(servers: Any) -> None:
+    """``kv_prefill_evict chunk`` per request: the ranks sum their heads' window scores over the TP group, so every
+    rank cuts the same positions after every chunk (and frees the same slots), and TP=1 cuts alike."""
+    root, tp1, tp2 = servers
+    measured = _compare_with_tp1(2, tp1, tp2, root, tag="c", custom={"kv_prefill_evict": "chunk"})
+    print(f"TP=2 vs TP=1 with chunk eviction: {measured}")
+    per_rank: dict[int | None, list[tuple[str, int, int, int]]] = {}
+    for line in cut_lines(tp2.log()):
+        per_rank.setdefault(line.tp_rank, []).append((line.rid, line.seen, line.held, line.dropped))
+    assert sorted(per_rank, key=str) == [0, 1] and per_rank[0] == per_rank[1], per_rank
+    assert per_rank[0], "no cut"
+    ones = sorted((line.rid, line.seen, line.held, line.dropped) for line in cut_lines(tp1.log()))
+    assert sorted(per_rank[0]) == ones
 
 
 def test_tp2_waves_with_an_abort_keep_every_rank_balanced(servers: Any) -> None:

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from madakv_sglang.config import PolicyConfig
+from madakv_sglang.log_lines import cut_lines
 from tests.mm_inputs import (
     Chat,
     hf_inputs,
@@ -175,6 +176,35 @@ def test_visual_mask_is_the_image_pad_positions(
     assert record["prompt_len"] == len(visual)
     assert torch.equal(record["visual"], visual)
     assert int(visual.sum()) == output["meta_info"]["image_tokens"] == 64 + 72 + 8
+    assert _finite_logprobs(output)
+
+
+def test_chunk_eviction_cuts_images_split_across_chunks_with_their_visual_mask(
+    madakv: Server, processors: dict[str, Any], images: dict[str, Path], dump_dir: Path
+) -> None:
+    """``kv_prefill_evict chunk`` on the three-image chat: its images cross the 64-token chunk ends, so cuts
+    happen inside images; the survivors the final decision sees carry the processor's visual mask, and both
+    modalities survive every cut (the modality split gives each a share of the cut size)."""
+    processor = processors["qwen2_vl"]
+    chat = _three_images(images)
+    inputs = hf_inputs(processor, chat)
+    output = _generate(
+        madakv,
+        render(processor, chat),
+        chat.images,
+        rid="cut-3img",
+        custom={"kv_prefill_evict": "chunk"},
+        prompt_logprobs=True,
+    )
+    visual = _check_same_prompt(output, inputs)
+    record = torch.load(dump_dir / "cut-3img.pt")
+    positions = record["positions"]
+    assert positions is not None and len(positions) < len(visual), "no cut happened"
+    assert torch.equal(record["visual"], visual[positions])
+    assert 0 < int(record["visual"].sum()) < len(positions)
+    cuts = [line for line in cut_lines(madakv.log()) if line.rid == "cut-3img"]
+    assert cuts and all(line.seen % CHUNK == 0 for line in cuts)
+    assert not record["keep"][..., ~torch.isin(torch.arange(len(visual)), positions)].any()
     assert _finite_logprobs(output)
 
 

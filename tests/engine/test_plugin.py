@@ -156,6 +156,10 @@ REFUSALS: dict[str, tuple[list[str], list[str]]] = {  # name -> (extra argv, phr
     "page_size": (MADAKV + ["--page-size", "16"], ["--page-size 16 is not supported", "one token per page"]),
     "split_backend": (MADAKV + ["--prefill-attention-backend", "torch_native"], ["--prefill-attention-backend"]),
     "backend_without_policy": (["--attention-backend", "madakv"], ["needs a compressing policy", "--kv-policy {"]),
+    "chunk_without_chunking": (
+        MADAKV + ["--kv-prefill-evict", "chunk", "--chunked-prefill-size", "-1"],
+        ["--kv-prefill-evict chunk cuts a prompt between its prefill chunks, but chunked prefill is off"],
+    ),
     "two_problems": (
         MADAKV + ["--enable-mixed-chunk", "--pp-size", "2"],
         ["cannot run:", "- --enable-mixed-chunk", "- pipeline parallelism"],
@@ -415,6 +419,13 @@ def test_flags_make_a_config_and_override_the_environment(clean_env: pytest.Monk
         (["--kv-policy", "madakv", "--kv-hcc", "sideways"], "argument --kv-hcc: invalid choice"),
         (["--kv-policy"], "argument --kv-policy: expected one argument"),
         (["--kv-budget", "0.1"], "--kv-budget set the compressing policies' knobs, but no --kv-policy is given"),
+        (
+            ["--kv-policy", "streamingllm", "--kv-prefill-evict", "chunk"],
+            "argument --kv-prefill-evict: chunk cuts the prompt by the observation window's attention, which policy "
+            "'streamingllm' does not use",
+        ),
+        (["--kv-policy", "madakv", "--kv-prefill-keep", "0.5"], "argument --kv-prefill-keep: must be in [1, 64]"),
+        (["--kv-policy", "madakv", "--kv-prefill-split", "half"], "argument --kv-prefill-split: invalid choice"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(
@@ -445,6 +456,7 @@ SERVER = PolicyConfig(policy="madakv", budget="0.2", window=8)
         ({"kv_budget": None}, SERVER),
         ({"kv_layout": "shared"}, SERVER),  # the server's own layout: not a change
         ({"kv_cap": "none"}, SERVER.replace(cap=None)),
+        ({"kv_prefill_evict": "chunk", "kv_prefill_keep": 2}, SERVER.replace(prefill_evict="chunk", prefill_keep=2.0)),
     ],
 )
 def test_request_config_applies_overrides(custom: dict[str, Any] | None, expected: PolicyConfig) -> None:
@@ -468,6 +480,10 @@ def test_request_config_applies_overrides(custom: dict[str, Any] | None, expecte
         ({"kv_budgett": 0.1}, "custom_params.kv_budgett: unknown setting; known: kv_policy, kv_budget"),
         ({"kv_layout": "per-layer"}, "custom_params.kv_layout: the KV layout is a property of the server's KV pool"),
         ({"kv_layout": "paged"}, "custom_params.kv_layout: must be one of shared, per-layer, got 'paged'"),
+        (
+            {"kv_prefill_evict": "chunk", "kv_policy": "random"},
+            "custom_params.kv_prefill_evict: chunk cuts the prompt by the observation window's attention",
+        ),
     ],
 )
 def test_request_config_rejects_bad_overrides(custom: dict[str, Any], message: str) -> None:
@@ -756,3 +772,12 @@ def test_full_policy_server_matches_stock(server_factory: Any) -> None:
     full.stop()
     log = full.log.read_text()  # the 400 above shows the plugin is loaded; it must have said nothing
     assert not [line for line in log.splitlines() if "madakv: " in line], "a full server must log nothing of ours"
+
+
+def test_aligned_chunks_end_on_the_stride_grid_or_at_the_prompt_end() -> None:
+    from madakv_sglang.engine.admission import aligned_chunk
+
+    assert aligned_chunk(100, 500, 48) == 96  # rounded down to the grid
+    assert aligned_chunk(30, 500, 48) == 48  # never empty: a full stride
+    assert aligned_chunk(30, 20, 48) == 30  # the chunk that finishes the prompt is whole
+    assert aligned_chunk(48, 48, 48) == 48

@@ -61,16 +61,20 @@ def test_pack_moves_exactly_the_kept_cells_and_decode_matches_dense(layout: str)
     rows_map[5, :n], rows_map[2, :30] = order[:n], order[n : n + 30]
     requests = [_request(5, n, 11), _request(2, 30, 12, policy="pyramidkv")]
     decisions = decide(requests, GEOMETRY)
+    before = rows_map.clone()
     packed_rows = pack_batch(requests, decisions, rows_map, pool, tp_size=1)
     query = torch.randn(1, 2 * HEADS, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     for request, decision, packed in zip(requests, decisions, packed_rows, strict=True):
-        row_slots = rows_map[request.row, : request.prompt_len].long()
+        row_slots = before[request.row, : request.prompt_len].long()
         assert packed is not None
+        # The row keeps its first M slots and points the rest at the padding slot; the rest is to be freed.
+        assert torch.equal(rows_map[request.row, : packed.slots], before[request.row, : packed.slots])
+        assert not rows_map[request.row, packed.slots : request.prompt_len].any()
         # M is the fewest slots whose cells hold the kept cells: of all layers (shared) or of the fullest layer.
         kept = decision.keep.sum(-1)  # [L, H]
         need, per_slot = (int(kept.sum()), LAYERS * HEADS) if layout == "shared" else (int(kept.sum(-1).max()), HEADS)
         assert (packed.slots - 1) * per_slot < need <= packed.slots * per_slot
-        assert torch.equal(packed.pending_free, rows_map[request.row, packed.slots : request.prompt_len])
+        assert torch.equal(packed.pending_free, before[request.row, packed.slots : request.prompt_len])
         for layer in range(LAYERS):
             if layout == "shared":
                 flat_k, flat_v = pool.k_cells, pool.v_cells
@@ -106,7 +110,8 @@ def test_shared_and_per_layer_hold_the_cells_the_layout_formula_says() -> None:
     rows_map = torch.arange(64, dtype=torch.int32)[None].repeat(2, 1) + 1
     held = {}
     for layout in ("shared", "per-layer"):
-        (packed,) = pack_batch([request], [decision], rows_map, _pool(100, 1, layout), tp_size=1)
+        # Each layout packs the same row afresh (packing points the row's evicted positions at the padding slot).
+        (packed,) = pack_batch([request], [decision], rows_map.clone(), _pool(100, 1, layout), tp_size=1)
         assert packed is not None
         held[layout] = packed.slots
         assert packed.waste_cells == packed.slots * LAYERS * HEADS - int(counts.sum())
@@ -161,3 +166,57 @@ def test_models_with_logit_caps_or_sliding_windows_are_refused_at_start_up(monke
         "attention logit soft-capping (30.0)",
         "sliding-window layers (window 128)",
     ]
+
+
+@pytest.mark.parametrize("layout", ["shared", "per-layer"])
+def test_a_cut_prompt_is_decided_over_its_survivors_and_packed_into_the_slots_it_still_owns(layout: str) -> None:
+    """Chunk eviction left 30 of 50 positions: the policy decides over those 30 with the whole prompt's budget
+    (as if they were the prompt), and packing moves their kept cells into the first M slots the row still owns."""
+    n, total_slots = 50, 200
+    gen = torch.Generator().manual_seed(21)
+    positions = torch.sort(torch.randperm(n - 4, generator=gen)[:26]).values
+    positions = torch.cat([positions, torch.arange(n - 4, n)])  # the kept window always survives
+    full = _request(3, n, 22)
+    request = Finishing(
+        row=3,
+        prompt_len=n,
+        visual=full.visual[positions],
+        config=full.config.replace(min_prompt=256),  # the skip rule was the whole prompt's, before the first cut
+        scores=full.scores[:, :, positions],
+        positions=positions,
+    )
+    pool = _pool(total_slots, seed=23, layout=layout)
+    dense_k = [k.clone() for k in pool.k_layers]
+    rows_map = torch.zeros(8, 64, dtype=torch.int32)
+    rows_map[3, :n] = torch.randperm(total_slots - 1, generator=gen)[:n].int() + 1
+    dense_row = rows_map[3, :n].clone()
+    cut = torch.ones(n, dtype=torch.bool)
+    cut[positions] = False
+    rows_map[3, :n][cut] = 0  # what the cuts did to the row
+    owned = rows_map[3, :n][rows_map[3, :n] != 0].clone()
+
+    (decision,) = decide([request], GEOMETRY)
+    compact = PolicyInputs(
+        visual=request.visual[None],
+        prompt_len=torch.tensor([len(positions)]),
+        nominal_budget=torch.tensor([full.config.budget.tokens_for(n)]),
+        num_layers=LAYERS,
+        total_heads=HEADS,
+        scores=request.scores[None],
+    )
+    alone = get_policy("madakv").select(compact, full.config)
+    assert torch.equal(decision.keep[..., positions], alone.keep[0])
+    assert not decision.keep[..., cut].any()
+
+    (packed,) = pack_batch([request], [decision], rows_map, pool, tp_size=1)
+    assert packed is not None
+    assert torch.equal(rows_map[3, : packed.slots], owned[: packed.slots])
+    assert not rows_map[3, packed.slots : n].any()
+    assert torch.equal(packed.pending_free, owned[packed.slots :])
+    for layer in range(LAYERS):
+        flat_k = pool.k_cells if layout == "shared" else pool.k_layers[layer].view(-1, DIM)
+        assert flat_k is not None
+        for head in range(HEADS):
+            kept = torch.nonzero(decision.keep[layer, head]).flatten()
+            cells = packed.cells[layer][packed.indptr[layer, head] : packed.indptr[layer, head + 1]]
+            assert torch.equal(flat_k[cells], dense_k[layer][dense_row[kept].long(), head])  # moved: bit-exact
