@@ -96,38 +96,52 @@ GPU_POOL = 65536
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """``full``, ``madakv:0.1``, ``snapkv:512``, ``pyramidkv:0.1:per-layer``: a ``--kv-policy``, its ``--kv-budget``
-    (None for full) and, optionally, its ``--kv-layout`` (None: the server's default, ``shared``)."""
+    """``full``, ``madakv:0.1``, ``snapkv:512``, ``pyramidkv:0.1:per-layer``, ``madakv:0.1:chunk``: a
+    ``--kv-policy``, its ``--kv-budget`` (None for full) and, optionally, its ``--kv-layout`` (None: the server's
+    default, ``shared``) and ``chunk`` for ``--kv-prefill-evict chunk``."""
 
     policy: str
     budget: str | None = None
     layout: str | None = None
+    prefill_evict: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
-        from madakv_sglang.config import ConfigError
+        from madakv_sglang.config import LAYOUTS, ConfigError
+        from madakv_sglang.engine.environment import check_servable
         from madakv_sglang.settings import parse_settings
 
         name, _, rest = text.partition(":")
-        budget, _, layout = rest.partition(":")
+        budget, _, tail = rest.partition(":")
         if name == "full":
             if rest:
-                raise ConfigError(f"{text!r}: full keeps every token; it takes no budget or layout")
+                raise ConfigError(f"{text!r}: full keeps every token; it takes no budget, layout or chunk")
             return cls("full")
-        config = parse_settings({"policy": name, "budget": budget or None, "layout": layout or None})
-        return cls(name, str(config.budget), layout or None)
+        extras = [part for part in tail.split(":") if part]
+        layouts = [part for part in extras if part in LAYOUTS]
+        unknown = [part for part in extras if part not in LAYOUTS and part != "chunk"]
+        if unknown or len(layouts) > 1 or extras.count("chunk") > 1:
+            raise ConfigError(f"{text!r}: after the budget give a layout ({', '.join(LAYOUTS)}) and/or chunk")
+        layout = layouts[0] if layouts else None
+        prefill = "chunk" if "chunk" in extras else None
+        values = {"policy": name, "budget": budget or None, "layout": layout, "prefill_evict": prefill}
+        config = parse_settings(values)
+        check_servable(config)
+        return cls(name, str(config.budget), layout, prefill)
 
     @property
     def label(self) -> str:
         if self.budget is None:
             return self.policy
-        return f"{self.policy}:{self.budget}" + (f":{self.layout}" if self.layout else "")
+        parts = [self.policy, self.budget, self.layout, self.prefill_evict]
+        return ":".join(part for part in parts if part)
 
     def server_args(self, window: int | None = None) -> list[str]:
         if self.budget is None:
             return ["--kv-policy", "full"]
         args = ["--kv-policy", self.policy, "--kv-budget", self.budget]
         args += ["--kv-layout", self.layout] if self.layout else []
+        args += ["--kv-prefill-evict", self.prefill_evict] if self.prefill_evict else []
         return args + (["--kv-window", str(window)] if window is not None else [])
 
 
@@ -707,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         "--policies",
         nargs="+",
         default=["full", "madakv:0.1", "madakv:0.2", "snapkv:0.1"],
-        help="POLICY[:BUDGET[:LAYOUT]] each (LAYOUT: shared, the default, or per-layer); must include full",
+        help="POLICY[:BUDGET[:LAYOUT][:chunk]] each (LAYOUT: shared, the default, or per-layer; chunk: "
+        "--kv-prefill-evict chunk); must include full",
     )
     parser.add_argument("--input-lens", nargs="+", type=int, default=[64, 256], help="random text tokens a prompt")
     parser.add_argument("--output-len", type=int, default=16)

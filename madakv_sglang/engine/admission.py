@@ -10,18 +10,32 @@ multiple of ``--chunked-prefill-size`` S (or at the prompt's end):
 - a continuing request whose chunk would be shorter than S runs a full S anyway, as SGLang itself does when its
   memory budget leaves nothing ("making no progress is worse").
 
-Requests of other policies, and servers without chunked prefill, are not touched.
+They also make SGLang admit a compressing request by what it will hold at its peak instead of by its whole
+prompt plus its reserved output (:func:`peak_slots`): while its gates run, SGLang's prefill budget is shown the
+difference as free room, and the reservations it commits are SGLang's own. On the ``ignore_eos`` path, SGLang's
+admission simulation counts a finishing request as freeing its whole prompt and output; for a compressed one
+that over-counts by the slots it already gave back, so the budget is shown that much less room.
+
+Requests of other policies, and servers without chunked prefill, are not touched by the chunk grid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from madakv_sglang.chunk_eviction import survivor_target
+from madakv_sglang.config import PolicyConfig
+from madakv_sglang.engine import state as scheduler_state
+from madakv_sglang.engine.environment import is_compressing
+from madakv_sglang.packing import skip_code
+
 STRIDE_ATTR = "_madakv_stride"  # S, the chunk size the adder was built with (None: no chunked prefill)
 ALIGN_ATTR = "_madakv_align"  # set while the adder admits a chunk-evicting request
+CREDIT_ATTR = "_madakv_credited"  # set while an admission runs with the credit applied (never twice)
 
 
 def install_hooks() -> None:
@@ -35,6 +49,26 @@ def install_hooks() -> None:
     HookRegistry.register(f"{adder}.floor_chunked_tokens", _around_floor_chunked_tokens, HookType.AROUND)
 
 
+def peak_slots(prompt_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
+    """The most slots a request of ``prompt_len`` tokens and ``max_new`` output tokens holds under ``config``:
+    during prefill its whole prompt (with chunk eviction and chunks of ``stride``: its cut size plus one chunk),
+    after it its kept slots (B under ``shared``, the capped fullest layer under ``per-layer``) plus its output.
+    A prompt the skip rule keeps whole holds ``prompt_len + max_new``."""
+    if skip_code(prompt_len, config):
+        return prompt_len + max_new
+    budget = min(max(config.budget.tokens_for(prompt_len), config.min_keep or 1), prompt_len)
+    kept = budget
+    if config.layout == "per-layer":
+        cap = config.cap_fraction
+        kept = prompt_len if cap is None else min(prompt_len, math.ceil(cap * budget))
+    prefill = prompt_len
+    if config.prefill_evict == "chunk" and stride is not None:
+        protected = min(prompt_len, config.sink + config.window)
+        cut = survivor_target(budget, config.prefill_keep_fraction, protected, prompt_len)
+        prefill = min(prompt_len, cut + stride)
+    return max(prefill, kept + max_new)
+
+
 def aligned_chunk(length: int, remaining: int, stride: int) -> int:
     """A chunk of ``length`` tokens out of ``remaining``: whole when it finishes the prompt, else rounded down to a
     multiple of ``stride``, and a full stride when that would be empty."""
@@ -44,11 +78,50 @@ def aligned_chunk(length: int, remaining: int, stride: int) -> int:
 
 
 def _evicts_chunks(req: Any) -> bool:
-    from madakv_sglang.engine.environment import is_compressing
     from madakv_sglang.engine.reclaim import request_policy
 
     config = request_policy(req)
     return is_compressing(config) and config.prefill_evict == "chunk"
+
+
+def _credit(adder: Any, req: Any, simulated: bool) -> int:
+    """The room SGLang's count of ``req`` over-charges: its prompt and output (clipped as SGLang clips it) minus
+    :func:`peak_slots`, less, on the simulating path, what running compressed requests already gave back."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    from madakv_sglang.engine.reclaim import REPLAY_ATTR, request_policy
+
+    config = request_policy(req)
+    credit = 0
+    if is_compressing(config) and getattr(req, REPLAY_ATTR, None) is None:
+        prompt = len(req.full_untruncated_fill_ids) - req.prefix_len
+        max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+        credit = max(0, prompt + max_new - peak_slots(prompt, max_new, config, getattr(adder, STRIDE_ATTR, None)))
+    shared = scheduler_state.current()
+    if simulated and shared is not None and adder.running_batch is not None:
+        rows = [r.kv.req_pool_idx for r in adder.running_batch.reqs if r.kv.req_pool_idx is not None]
+        credit -= sum(shared.returned(row) for row in rows)
+    return credit
+
+
+@contextmanager
+def _credited(adder: Any, req: Any, simulated: bool) -> Iterator[None]:
+    """Show SGLang's prefill budget ``_credit`` more free room for the length of one admission; what the admission
+    reserves stays reserved."""
+    budget = getattr(adder, "memory_budget", None)
+    if budget is None or not hasattr(budget, "total_offset") or getattr(adder, CREDIT_ATTR, False):
+        yield  # nested (add_one_req -> add_one_req_ignore_eos) or a budget of another shape: SGLang's count
+        return
+    credit = _credit(adder, req, simulated)
+    setattr(adder, CREDIT_ATTR, True)
+    budget.total_offset -= credit
+    budget.current_offset -= credit
+    try:
+        yield
+    finally:
+        budget.total_offset += credit
+        budget.current_offset += credit
+        setattr(adder, CREDIT_ATTR, False)
 
 
 @contextmanager
@@ -77,7 +150,9 @@ def _around_add_one_req(
     stride = getattr(adder, STRIDE_ATTR, None)
     if stride is not None and _evicts_chunks(req):
         truncation_align_size = math.lcm(truncation_align_size or 1, stride)
-    with _aligning(adder, req):
+    # A request SGLang sends on to add_one_req_ignore_eos is credited there, with the simulation's correction.
+    simulating = req.sampling_params.ignore_eos and getattr(adder.tree_cache, "disable", True)
+    with _aligning(adder, req), contextlib.nullcontext() if simulating else _credited(adder, req, simulated=False):
         return original(adder, req, has_chunked_req, truncation_align_size, **kwargs)
 
 
@@ -89,7 +164,7 @@ def _around_add_one_req_ignore_eos(original: Any, adder: Any, req: Any, *args: A
             from sglang.srt.managers.schedule_policy import AddReqResult
 
             return AddReqResult.OTHER  # its first chunk would end off the grid: wait for a later batch
-    with _aligning(adder, req):
+    with _aligning(adder, req), _credited(adder, req, simulated=True):
         return original(adder, req, *args, **kwargs)
 
 
@@ -104,4 +179,4 @@ def _around_floor_chunked_tokens(original: Any, adder: Any, trunc_len: int, rema
     return length if align is None else aligned_chunk(length, remaining, align)
 
 
-__all__ = ["aligned_chunk", "install_hooks"]
+__all__ = ["aligned_chunk", "install_hooks", "peak_slots"]

@@ -41,17 +41,30 @@ LOG = f"""\
         ("snapkv:512", "snapkv", "512", "snapkv:512"),
         ("madakv", "madakv", "0.2", "madakv:0.2"),  # the server's default budget
         ("pyramidkv:0.1:per-layer", "pyramidkv", "0.1", "pyramidkv:0.1:per-layer"),
+        ("madakv:0.1:chunk", "madakv", "0.1", "madakv:0.1:chunk"),
+        ("madakv:0.1:chunk:per-layer", "madakv", "0.1", "madakv:0.1:per-layer:chunk"),
     ],
 )
 def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: str | None, label: str) -> None:
     spec = PolicySpec.parse(text)
     assert (spec.policy, spec.budget, spec.label) == (policy, budget, label)
     assert spec.server_args()[:2] == ["--kv-policy", policy]
-    assert ("--kv-layout" in spec.server_args()) == label.endswith(":per-layer")
+    assert ("--kv-layout" in spec.server_args()) == (":per-layer" in label)
+    assert ("--kv-prefill-evict" in spec.server_args()) == label.endswith(":chunk")
 
 
 @pytest.mark.parametrize(
-    "text", ["nope:0.1", "madakv:1.5", "madakv:abc", "full:0.1", "madakv:0.1:paged", "full::shared"]
+    "text",
+    [
+        "nope:0.1",
+        "madakv:1.5",
+        "madakv:abc",
+        "full:0.1",
+        "madakv:0.1:paged",
+        "full::shared",
+        "madakv:0.1:chunk:chunk",
+        "streamingllm:0.1:chunk",
+    ],
 )
 def test_policy_spec_refuses_bad_values(text: str) -> None:
     with pytest.raises(ConfigError):

@@ -781,3 +781,23 @@ def test_aligned_chunks_end_on_the_stride_grid_or_at_the_prompt_end() -> None:
     assert aligned_chunk(30, 500, 48) == 48  # never empty: a full stride
     assert aligned_chunk(30, 20, 48) == 30  # the chunk that finishes the prompt is whole
     assert aligned_chunk(48, 48, 48) == 48
+
+
+def test_peak_slots_count_what_a_compressing_request_holds_at_its_peak() -> None:
+    from madakv_sglang.engine.admission import peak_slots
+
+    config = PolicyConfig(policy="madakv", budget="0.1", window=8, sink=4)
+    # 1,000 prompt tokens, 64 out: the whole prompt during prefill, then B = 100 kept + 64.
+    assert peak_slots(1000, 64, config, stride=256) == 1000
+    # Chunk eviction with 256-token chunks: the cut size (B = 100) plus one chunk, then 100 + 64.
+    chunked = config.replace(prefill_evict="chunk")
+    assert peak_slots(1000, 64, chunked, stride=256) == 356
+    assert peak_slots(1000, 400, chunked, stride=256) == 500  # a long output outgrows the prefill peak
+    assert peak_slots(1000, 64, chunked.replace(prefill_keep=2.0), stride=256) == 456
+    assert peak_slots(1000, 64, chunked, stride=None) == 1000  # no chunked prefill: no cut
+    # per-layer holds the fullest layer, at most cap (1.25) x B.
+    assert peak_slots(1000, 64, config.replace(layout="per-layer"), stride=256) == 1000
+    assert peak_slots(1000, 64, chunked.replace(layout="per-layer"), stride=256) == 356
+    assert peak_slots(1000, 400, chunked.replace(layout="per-layer"), stride=256) == 525
+    # The skip rule keeps a short prompt whole: SGLang's own count.
+    assert peak_slots(100, 64, chunked, stride=256) == 164
