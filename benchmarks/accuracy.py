@@ -52,8 +52,12 @@ POLICIES: dict[str, dict[str, Any]] = {
     "h2o": {"policy": "h2o"},
     "lookm": {"policy": "lookm"},
     "random": {"policy": "random"},
+    "madakv-chunk": {"policy": "madakv", "prefill_evict": "chunk"},
+    "snapkv-chunk": {"policy": "snapkv", "prefill_evict": "chunk"},
 }
 HF_ONLY = {"h2o"}
+# Eviction during chunked prefill is a serving mechanism: the HF path prefills whole prompts.
+ENGINE_ONLY = {"madakv-chunk", "snapkv-chunk"}
 BUDGETS = (0.05, 0.1, 0.2, 0.5)
 DEFAULT_SINK = PolicyConfig().sink
 MAX_NEW_TOKENS = 8  # answers are one or two words (mixed: "apple red"), a few tokens each in the byte-level BPE
@@ -104,14 +108,29 @@ class Run:
         )
 
 
-def add_concurrency_argument(parser: argparse.ArgumentParser) -> None:
-    """``--concurrency``, shared by the sweeps that ask a server."""
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--concurrency`` and ``--chunked-prefill-size``, shared by the sweeps that ask a server."""
     parser.add_argument(
         "--concurrency",
         type=int,
         default=8,
         help="engine requests in flight; SGLang batches them (each request's eviction is its own)",
     )
+    parser.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="the server's prefill chunk (default: SGLang's); the *-chunk policies cut between chunks",
+    )
+
+
+def engine_server_args(args: argparse.Namespace) -> list[str]:
+    """The sweep's server: one ``--kv-policy madakv`` server whose requests set their policy per request."""
+    server_args = ["--max-total-tokens", "16384", "--kv-policy", "madakv", "--kv-window", str(args.window)]
+    server_args += ["--kv-layout", args.layout]
+    if args.chunked_prefill_size is not None:
+        server_args += ["--chunked-prefill-size", str(args.chunked_prefill_size)]
+    return server_args
 
 
 def policy_config(name: str, budget: float, window: int, sink: int = DEFAULT_SINK) -> PolicyConfig:
@@ -317,7 +336,13 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("benchmarks/models/needle-vl"))
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=[name for name in POLICIES if name not in ENGINE_ONLY],
+        choices=list(POLICIES),
+        help=f"the *-chunk ones ({', '.join(sorted(ENGINE_ONLY))}) run in the engine only",
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--samples", type=int, default=10, help="prompts per task")
@@ -332,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         default="shared",
         help="the engine server's --kv-layout (the HF path reports both)",
     )
-    add_concurrency_argument(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -348,12 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     # One seed per prompt, so (task, seed) names a prompt: the HF/engine agreement pairs runs by it.
     samples = [make_sample(config, args.seed + index) for index, config in enumerate(configs)]
     grid = [(name, budget) for name in args.policies for budget in ([1.0] if name == "full" else args.budgets)]
+    engine_only = sorted(ENGINE_ONLY & set(args.policies))
+    if args.path == "hf" and engine_only:
+        raise SystemExit(f"--policies {' '.join(engine_only)}: these run in the engine only (--path engine or both)")
     runs: list[Run] = []
     started = time.perf_counter()
     if args.path in ("hf", "both"):
         model = AutoModelForImageTextToText.from_pretrained(args.model, torch_dtype=torch.float32).eval()
         inputs = [prompt_inputs(processor, s) for s in samples]
-        for name, budget in tqdm(grid, desc="HF path", file=sys.stderr):
+        for name, budget in tqdm([g for g in grid if g[0] not in ENGINE_ONLY], desc="HF path", file=sys.stderr):
             runs += [
                 run_hf(model, processor, s, x, name, budget, args.window) for s, x in zip(samples, inputs, strict=True)
             ]
@@ -361,16 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         from madakv_sglang.server_process import Server
 
         args.out.mkdir(parents=True, exist_ok=True)
-        server_args = [
-            "--max-total-tokens",
-            "16384",
-            "--kv-policy",
-            "madakv",
-            "--kv-window",
-            str(args.window),
-            "--kv-layout",
-            args.layout,
-        ]
+        server_args = engine_server_args(args)
         requests = [engine_request(processor, s) for s in samples]
         with (
             Server(args.model, server_args, args.out / "server.log") as server,

@@ -25,10 +25,12 @@ from typing import Any
 
 from benchmarks.accuracy import (
     DEFAULT_SINK,
+    ENGINE_ONLY,
     POLICIES,
     Run,
-    add_concurrency_argument,
+    add_engine_arguments,
     ask_engine,
+    engine_server_args,
     markdown_table,
     plot,
     summarize,
@@ -58,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MODEL)
     servable = [p for p in POLICIES if p != "h2o"]
-    parser.add_argument("--policies", nargs="+", default=servable, choices=servable)
+    default = [p for p in servable if p not in ENGINE_ONLY]  # the *-chunk variants are opt-in
+    parser.add_argument("--policies", nargs="+", default=default, choices=servable)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.5])
     parser.add_argument("--sentences", nargs="+", type=int, default=[40, 120], help="haystack lengths")
     parser.add_argument("--samples", type=int, default=8, help="prompts per length (depths spread evenly)")
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help="attention sinks of every scoring policy")
     parser.add_argument("--layout", choices=["shared", "per-layer"], default="shared", help="the server's --kv-layout")
-    add_concurrency_argument(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text_needle"))
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -87,16 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     started = time.perf_counter()
-    server_args = [
-        "--max-total-tokens",
-        "16384",
-        "--kv-policy",
-        "madakv",
-        "--kv-window",
-        str(args.window),
-        "--kv-layout",
-        args.layout,
-    ]
+    server_args = engine_server_args(args)
     with (
         Server(args.model, server_args, args.out / "server.log") as server,
         ThreadPoolExecutor(args.concurrency) as pool,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import accuracy
 from madakv_sglang.checkpoints import write_checkpoint
 
@@ -21,6 +23,7 @@ def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -
             "--policies",
             "full",
             "madakv",
+            "madakv-chunk",
             "h2o",
             "--budgets",
             "0.2",
@@ -49,22 +52,30 @@ def test_accuracy_benchmark_writes_results_and_the_paths_agree(tmp_path: Path) -
         ("hf", "h2o"),
         ("engine", "full"),
         ("engine", "madakv"),
-    }  # h2o: HF only
+        ("engine", "madakv-chunk"),
+    }  # h2o: HF only; madakv-chunk: engine only
     assert all(0.0 <= c["accuracy"] <= 1.0 and c["samples"] == 2 for c in cells)
-    madakv = [c for c in cells if c["policy"] == "madakv"]
+    madakv = [c for c in cells if c["policy"] in ("madakv", "madakv-chunk")]
     full = [c for c in cells if c["policy"] == "full"]
     assert all(c["slot_fraction"] < 0.5 for c in madakv) and all(c["slot_fraction"] == 1.0 for c in full)
     # The engine (shared layout, the default) holds what the HF path computes for shared from the same kept
     # sets; per-layer, measured in the HF path only, never holds less.
     hf = {(c["policy"], c["task"]): c for c in cells if c["path"] == "hf"}
     for c in cells:
-        if c["path"] == "engine":
+        if c["path"] == "engine" and c["policy"] != "madakv-chunk":
             assert c["layout"] == "shared" and c["slot_fraction"] == hf[(c["policy"], c["task"])]["slot_fraction"]
-        else:
+        elif c["path"] == "hf":
             assert c["slot_fraction_per_layer"] >= c["slot_fraction"]
     agreement = record["summary"]["agreement"]
-    # 2 prompts x 4 tasks x (full, madakv): every engine run is paired with the HF run of the same prompt
+    # 2 prompts x 4 tasks x (full, madakv): every engine run of a policy both paths run is paired with the HF run of
+    # the same prompt
     assert agreement["pairs"] == 16 and agreement["differences"] == [], agreement
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0 and (out / "accuracy_vs_slots.png").exists()
     assert (out / "accuracy_vs_slots_per_layer.png").exists()
     assert "| madakv | 0.2 |" in (out / "table.md").read_text()
+
+
+def test_engine_only_policies_are_refused_on_the_hf_path(tmp_path: Path) -> None:
+    model = write_checkpoint("qwen2_vl", tmp_path / "model", seed=0)
+    with pytest.raises(SystemExit, match="madakv-chunk: these run in the engine only"):
+        accuracy.main(["--model", str(model), "--policies", "madakv-chunk", "--path", "hf", "--out", str(tmp_path)])
