@@ -179,11 +179,15 @@ def test_layouts_move_cells_but_never_change_the_choice_or_the_output(
 ) -> None:
     """The same prompts on a ``shared`` and a ``per-layer`` server: the same kept sets, bit-identical logprobs (the
     decode gathers the same values in the same order, only from other cells), and each holds the slots its own
-    formula gives for those kept sets: the mean over layers, or the fullest layer."""
+    formula gives for those kept sets: the mean over layers, or the fullest layer. Also with eviction during
+    chunked prefill, which packs into the slots its cuts left."""
     lengths = (197, 100, 260, 57)
-    for index, ids in enumerate(_prompts(lengths, seed=6)):
-        rid = f"layouts-{index}"
-        shared, separate = _generate(madakv, ids, rid=rid), _generate(per_layer, ids, rid=rid)
+    cases = [(None, index, ids) for index, ids in enumerate(_prompts(lengths, seed=6))]
+    cases += [({"kv_prefill_evict": "chunk"}, index, ids) for index, ids in enumerate(_prompts(lengths, seed=7))]
+    for custom, index, ids in cases:
+        rid = f"layouts-{'chunk-' if custom else ''}{index}"
+        shared = _generate(madakv, ids, custom=custom, rid=rid)
+        separate = _generate(per_layer, ids, custom=custom, rid=rid)
         assert separate["output_ids"] == shared["output_ids"]
         assert separate["meta_info"]["output_token_logprobs"] == shared["meta_info"]["output_token_logprobs"]
         keep = torch.load(dump_dir / f"{rid}.pt")["keep"]
