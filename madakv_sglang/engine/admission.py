@@ -12,9 +12,11 @@ multiple of ``--chunked-prefill-size`` S (or at the prompt's end):
 
 They also make SGLang admit a compressing request by what it will hold at its peak instead of by its whole
 prompt plus its reserved output (:func:`peak_slots`): while its gates run, SGLang's prefill budget is shown the
-difference as free room, and the reservations it commits are SGLang's own. On the ``ignore_eos`` path, SGLang's
-admission simulation counts a finishing request as freeing its whole prompt and output; for a compressed one
-that over-counts by the slots it already gave back, so the budget is shown that much less room.
+difference as free room, and the reservations it commits are SGLang's own. Not corrected: on the ``ignore_eos``
+path SGLang's admission simulation counts a running request as freeing its whole prompt and output when it
+finishes, which for a compressed one over-counts by the slots it already gave back (the simulation is a closure
+inside SGLang's method; taking the over-count off every step at once stopped admission altogether). SGLang
+retracts a request when decode runs out of room.
 
 Requests of other policies, and servers without chunked prefill, are not touched by the chunk grid.
 """
@@ -29,7 +31,6 @@ from typing import Any
 
 from madakv_sglang.chunk_eviction import survivor_target
 from madakv_sglang.config import PolicyConfig
-from madakv_sglang.engine import state as scheduler_state
 from madakv_sglang.engine.environment import is_compressing
 from madakv_sglang.packing import skip_code
 
@@ -84,9 +85,9 @@ def _evicts_chunks(req: Any) -> bool:
     return is_compressing(config) and config.prefill_evict == "chunk"
 
 
-def _credit(adder: Any, req: Any, simulated: bool) -> int:
+def _credit(adder: Any, req: Any) -> int:
     """The room SGLang's count of ``req`` over-charges: its prompt and output (clipped as SGLang clips it) minus
-    :func:`peak_slots`, less, on the simulating path, what running compressed requests already gave back."""
+    :func:`peak_slots`."""
     from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
     from madakv_sglang.engine.reclaim import REPLAY_ATTR, request_policy
@@ -97,22 +98,18 @@ def _credit(adder: Any, req: Any, simulated: bool) -> int:
         prompt = len(req.full_untruncated_fill_ids) - req.prefix_len
         max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
         credit = max(0, prompt + max_new - peak_slots(prompt, max_new, config, getattr(adder, STRIDE_ATTR, None)))
-    shared = scheduler_state.current()
-    if simulated and shared is not None and adder.running_batch is not None:
-        rows = [r.kv.req_pool_idx for r in adder.running_batch.reqs if r.kv.req_pool_idx is not None]
-        credit -= sum(shared.returned(row) for row in rows)
     return credit
 
 
 @contextmanager
-def _credited(adder: Any, req: Any, simulated: bool) -> Iterator[None]:
+def _credited(adder: Any, req: Any) -> Iterator[None]:
     """Show SGLang's prefill budget ``_credit`` more free room for the length of one admission; what the admission
     reserves stays reserved."""
     budget = getattr(adder, "memory_budget", None)
     if budget is None or not hasattr(budget, "total_offset") or getattr(adder, CREDIT_ATTR, False):
         yield  # nested (add_one_req -> add_one_req_ignore_eos) or a budget of another shape: SGLang's count
         return
-    credit = _credit(adder, req, simulated)
+    credit = _credit(adder, req)
     setattr(adder, CREDIT_ATTR, True)
     budget.total_offset -= credit
     budget.current_offset -= credit
@@ -150,9 +147,9 @@ def _around_add_one_req(
     stride = getattr(adder, STRIDE_ATTR, None)
     if stride is not None and _evicts_chunks(req):
         truncation_align_size = math.lcm(truncation_align_size or 1, stride)
-    # A request SGLang sends on to add_one_req_ignore_eos is credited there, with the simulation's correction.
+    # A request SGLang sends on to add_one_req_ignore_eos is credited there.
     simulating = req.sampling_params.ignore_eos and getattr(adder.tree_cache, "disable", True)
-    with _aligning(adder, req), contextlib.nullcontext() if simulating else _credited(adder, req, simulated=False):
+    with _aligning(adder, req), contextlib.nullcontext() if simulating else _credited(adder, req):
         return original(adder, req, has_chunked_req, truncation_align_size, **kwargs)
 
 
@@ -164,7 +161,7 @@ def _around_add_one_req_ignore_eos(original: Any, adder: Any, req: Any, *args: A
             from sglang.srt.managers.schedule_policy import AddReqResult
 
             return AddReqResult.OTHER  # its first chunk would end off the grid: wait for a later batch
-    with _aligning(adder, req), _credited(adder, req, simulated=True):
+    with _aligning(adder, req), _credited(adder, req):
         return original(adder, req, *args, **kwargs)
 
 
