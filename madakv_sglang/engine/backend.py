@@ -368,18 +368,14 @@ class _MadaKVMixin:
         every position is right and no cut follows."""
         device = self.device
         n0 = replay.keep.shape[-1] if replay is not None else full_len
-        chunk_pos = torch.arange(prefix, seq, device=device)
-        if cut_at is None:
-            prior = torch.arange(prefix, device=device)
-            key_cut = torch.full((seq,), chunk_eviction.NEVER, dtype=torch.int32, device=device)
-        else:
-            cut_at = cut_at.to(device)
-            # Positions a cut dropped at or before this chunk's start are gone (their slots already freed).
-            prior = torch.nonzero(cut_at[:prefix] > prefix).flatten()
-            key_cut = torch.full((seq,), chunk_eviction.NEVER, dtype=torch.int32, device=device)
+        # Where each position up to this chunk's end is cut (positions past the stored prompt never are).
+        key_cut = torch.full((seq,), chunk_eviction.NEVER, dtype=torch.int32, device=device)
+        if cut_at is not None:
             known = min(seq, cut_at.numel())
-            key_cut[:known] = cut_at[:known]
-        key_pos = torch.cat([prior, chunk_pos])
+            key_cut[:known] = cut_at[:known].to(device)
+        # Positions a cut dropped at or before this chunk's start are gone (their slots already freed).
+        prior = torch.nonzero(key_cut[:prefix] > prefix).flatten()
+        key_pos = torch.cat([prior, torch.arange(prefix, seq, device=device)])
         cut_target = None
         if replay is None and seq < full_len:
             budget = min(max(config.budget.tokens_for(full_len), config.min_keep or 1), full_len)
