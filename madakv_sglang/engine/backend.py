@@ -308,14 +308,18 @@ class _MadaKVMixin:
                 state = self.state.open(row, generation)
                 state.cut_at = torch.full((full_len,), chunk_eviction.NEVER, dtype=torch.int32, device=self.device)
             cut_at = replay.cut_at if replay is not None else (state.cut_at if state is not None else None)
-            visual = visual_mask(mm_inputs[i], seq).to(self.device)
+            needs_view = cut_at is not None or (replay is not None and seq > replay.keep.shape[-1])
+            # The visual mask is needed by a cut or a decision only: not on a plain intermediate chunk.
+            visual = visual_mask(mm_inputs[i], seq).to(self.device) if needs_view or seq >= full_len else None
             view = None
-            if cut_at is not None or (replay is not None and seq > replay.keep.shape[-1]):
+            if needs_view:
+                assert visual is not None
                 view = self._chunk_view(row, prefix, seq, full_len, config, cut_at, replay, visual)
             finishing = None
             # Every finished prompt gets a decision, even one too short to evict from: a retraction then replays
             # "keep everything" instead of compressing the longer re-prefill afresh.
             if seq >= full_len:
+                assert visual is not None
                 positions = view.key_pos if view is not None and replay is None else None
                 decided = seq if positions is None else int(positions.numel())
                 finishing = Finishing(
