@@ -52,13 +52,15 @@ POLICIES: dict[str, dict[str, Any]] = {
     "h2o": {"policy": "h2o"},
     "lookm": {"policy": "lookm"},
     "random": {"policy": "random"},
-    "madakv-chunk": {"policy": "madakv", "prefill_evict": "chunk"},
+    "madakv-chunk": {"policy": "madakv", "prefill_evict": "chunk"},  # the default --kv-prefill-keep (4)
     "snapkv-chunk": {"policy": "snapkv", "prefill_evict": "chunk"},
+    "madakv-chunk-keep1": {"policy": "madakv", "prefill_evict": "chunk", "prefill_keep": 1.0},
+    "madakv-chunk-keep2": {"policy": "madakv", "prefill_evict": "chunk", "prefill_keep": 2.0},
     "madakv-chunk-keep4": {"policy": "madakv", "prefill_evict": "chunk", "prefill_keep": 4.0},
 }
 HF_ONLY = {"h2o"}
 # Eviction during chunked prefill is a serving mechanism: the HF path prefills whole prompts.
-ENGINE_ONLY = {"madakv-chunk", "snapkv-chunk", "madakv-chunk-keep4"}
+ENGINE_ONLY = {name for name, fields in POLICIES.items() if fields.get("prefill_evict") == "chunk"}
 BUDGETS = (0.05, 0.1, 0.2, 0.5)
 DEFAULT_SINK = PolicyConfig().sink
 MAX_NEW_TOKENS = 8  # answers are one or two words (mixed: "apple red"), a few tokens each in the byte-level BPE
@@ -288,7 +290,7 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
     cells = [c for c in summary["cells"] if c["path"] == path and c["task"] != "absent"]
     tasks = sorted({c["task"] for c in cells}, key=_task_order)
     # One colour and one marker per policy (tab20 has 20 colours, and there are as many markers as policies).
-    markers, dashes = "osD^vP*Xh<>pd8H+x", ["-", "--", "-.", ":"]
+    markers, dashes = "osD^vP*Xh<>pd8H+x12", ["-", "--", "-.", ":"]
     colours = plt.get_cmap("tab20").colors
     assert len(POLICIES) <= min(len(markers), len(colours)), "add markers or colours for the new policies"
     written = []

@@ -96,14 +96,16 @@ GPU_POOL = 65536
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """``full``, ``madakv:0.1``, ``snapkv:512``, ``pyramidkv:0.1:per-layer``, ``madakv:0.1:chunk``: a
-    ``--kv-policy``, its ``--kv-budget`` (None for full) and, optionally, its ``--kv-layout`` (None: the server's
-    default, ``shared``) and ``chunk`` for ``--kv-prefill-evict chunk``."""
+    """``full``, ``madakv:0.1``, ``snapkv:512``, ``pyramidkv:0.1:per-layer``, ``madakv:0.1:chunk``,
+    ``madakv:0.1:chunk-keep4``: a ``--kv-policy``, its ``--kv-budget`` (None for full) and, optionally, its
+    ``--kv-layout`` (None: the server's default, ``shared``) and ``chunk`` for ``--kv-prefill-evict chunk``, with
+    ``-keepK`` for ``--kv-prefill-keep K`` (None: the server's default)."""
 
     policy: str
     budget: str | None = None
     layout: str | None = None
     prefill_evict: str | None = None
+    prefill_keep: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
@@ -119,21 +121,26 @@ class PolicySpec:
             return cls("full")
         extras = [part for part in tail.split(":") if part]
         layouts = [part for part in extras if part in LAYOUTS]
-        unknown = [part for part in extras if part not in LAYOUTS and part != "chunk"]
-        if unknown or len(layouts) > 1 or extras.count("chunk") > 1:
-            raise ConfigError(f"{text!r}: after the budget give a layout ({', '.join(LAYOUTS)}) and/or chunk")
+        chunks = [match for part in extras if (match := _CHUNK.fullmatch(part))]
+        unknown = [part for part in extras if part not in layouts and not _CHUNK.fullmatch(part)]
+        if unknown or len(layouts) > 1 or len(chunks) > 1:
+            raise ConfigError(
+                f"{text!r}: after the budget give a layout ({', '.join(LAYOUTS)}) and/or chunk or chunk-keepK"
+            )
         layout = layouts[0] if layouts else None
-        prefill = "chunk" if "chunk" in extras else None
+        keep = chunks[0].group(1) if chunks else None
+        prefill = "chunk" if chunks else None
         values = {"policy": name, "budget": budget or None, "layout": layout, "prefill_evict": prefill}
-        config = parse_settings(values)
+        config = parse_settings(values | ({"prefill_keep": keep} if keep else {}))
         check_servable(config)
-        return cls(name, str(config.budget), layout, prefill)
+        return cls(name, str(config.budget), layout, prefill, f"{config.prefill_keep:g}" if keep else None)
 
     @property
     def label(self) -> str:
         if self.budget is None:
             return self.policy
-        parts = [self.policy, self.budget, self.layout, self.prefill_evict]
+        chunk = self.prefill_evict and self.prefill_evict + (f"-keep{self.prefill_keep}" if self.prefill_keep else "")
+        parts = [self.policy, self.budget, self.layout, chunk]
         return ":".join(part for part in parts if part)
 
     def server_args(self, window: int | None = None) -> list[str]:
@@ -142,7 +149,11 @@ class PolicySpec:
         args = ["--kv-policy", self.policy, "--kv-budget", self.budget]
         args += ["--kv-layout", self.layout] if self.layout else []
         args += ["--kv-prefill-evict", self.prefill_evict] if self.prefill_evict else []
+        args += ["--kv-prefill-keep", self.prefill_keep] if self.prefill_keep else []
         return args + (["--kv-window", str(window)] if window is not None else [])
+
+
+_CHUNK = re.compile(r"chunk(?:-keep([0-9.]+))?")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ VL_KINDS = ("qwen2_vl", "qwen2_5_vl")
 STAMP = ".madakv-checkpoint.json"
 # The builders keep 512 (enough for their own prompts); served chats with several images need more. RoPE
 # frequencies do not depend on it, so the weights and the outputs for short prompts are unchanged.
-MAX_POSITIONS = 4096
+MAX_POSITIONS = 8192
 
 ENDOFTEXT, IM_START, IM_END = 497, 498, 499
 SPECIAL_TOKENS: dict[str, int] = {

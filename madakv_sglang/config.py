@@ -169,7 +169,8 @@ class PolicyConfig:
             (after every chunk but the last, the prompt so far is cut to ``prefill_keep`` times its final budget;
             ``madakv_sglang.chunk_eviction``).
         prefill_keep: what a cut leaves, as a multiple of the final budget B (>= 1: the final decision chooses
-            among at least B positions).
+            among at least B positions). 4 by default: a cut is made before the question is known, and at 1 it
+            drops what the question later asks for (benchmarks/RESULTS.md, "Eviction during chunked prefill").
         prefill_split: how a cut splits what it keeps: ``modality`` in proportion to each modality's attention
             mass (as MPA splits a head's budget), ``none`` in one ranking.
         options: the values of policy options (:class:`PolicyOption`) that differ from their defaults, as sorted
@@ -194,7 +195,7 @@ class PolicyConfig:
     min_reclaim: float = 0.1
     layout: Layout = "shared"
     prefill_evict: PrefillEvict = "off"
-    prefill_keep: float = 1.0
+    prefill_keep: float = 4.0
     prefill_split: PrefillSplit = "modality"
     options: tuple[tuple[str, Any], ...] = ()
 

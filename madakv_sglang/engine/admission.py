@@ -50,24 +50,41 @@ def install_hooks() -> None:
     HookRegistry.register(f"{adder}.floor_chunked_tokens", _around_floor_chunked_tokens, HookType.AROUND)
 
 
-def peak_slots(prompt_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
-    """The most slots a request of ``prompt_len`` tokens and ``max_new`` output tokens holds under ``config``:
-    during prefill its whole prompt (with chunk eviction and chunks of ``stride``: its cut size plus one chunk),
-    after it its kept slots (B under ``shared``, the capped fullest layer under ``per-layer``) plus its output.
-    A prompt the skip rule keeps whole holds ``prompt_len + max_new``."""
+def kept_slots(prompt_len: int, config: PolicyConfig) -> int:
+    """The slots a compressed prompt of ``prompt_len`` tokens holds after prefill: B under ``shared``, the capped
+    fullest layer under ``per-layer``, the whole prompt when the skip rule keeps it."""
     if skip_code(prompt_len, config):
-        return prompt_len + max_new
+        return prompt_len
     budget = min(max(config.budget.tokens_for(prompt_len), config.min_keep or 1), prompt_len)
-    kept = budget
     if config.layout == "per-layer":
         cap = config.cap_fraction
-        kept = prompt_len if cap is None else min(prompt_len, math.ceil(cap * budget))
-    prefill = prompt_len
-    if config.prefill_evict == "chunk" and stride is not None:
-        protected = min(prompt_len, config.sink + config.window)
-        cut = survivor_target(budget, config.prefill_keep_fraction, protected, prompt_len)
-        prefill = min(prompt_len, cut + stride)
-    return max(prefill, kept + max_new)
+        return prompt_len if cap is None else min(prompt_len, math.ceil(cap * budget))
+    return budget
+
+
+def prefill_peak_slots(prompt_len: int, config: PolicyConfig, stride: int | None) -> int:
+    """The most slots a prompt holds while it is prefilled: all of it, or with chunk eviction and chunks of
+    ``stride`` its cut size plus one chunk."""
+    if skip_code(prompt_len, config) or config.prefill_evict != "chunk" or stride is None:
+        return prompt_len
+    budget = min(max(config.budget.tokens_for(prompt_len), config.min_keep or 1), prompt_len)
+    protected = min(prompt_len, config.sink + config.window)
+    cut = survivor_target(budget, config.prefill_keep_fraction, protected, prompt_len)
+    return min(prompt_len, cut + stride)
+
+
+def peak_slots(prompt_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
+    """The most slots a request of ``prompt_len`` tokens and ``max_new`` output tokens holds under ``config``:
+    its prefill peak (:func:`prefill_peak_slots`) or its kept slots plus its output, whichever is larger."""
+    return max(prefill_peak_slots(prompt_len, config, stride), kept_slots(prompt_len, config) + max_new)
+
+
+def replay_peak_slots(prompt_len: int, fill_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
+    """:func:`peak_slots` of a chunk-evicting request re-prefilled after a retraction: ``fill_len`` tokens (its
+    ``prompt_len``-token prompt and the output it had) of which the prompt is cut again as the stored cuts say and
+    the output is kept whole."""
+    output = fill_len - prompt_len
+    return max(prefill_peak_slots(prompt_len, config, stride), kept_slots(prompt_len, config) + output + max_new)
 
 
 def aligned_chunk(length: int, remaining: int, stride: int) -> int:
@@ -93,12 +110,19 @@ def _credit(adder: Any, req: Any) -> int:
     from madakv_sglang.engine.reclaim import REPLAY_ATTR, request_policy
 
     config = request_policy(req)
-    credit = 0
-    if is_compressing(config) and getattr(req, REPLAY_ATTR, None) is None:
-        prompt = len(req.full_untruncated_fill_ids) - req.prefix_len
-        max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
-        credit = max(0, prompt + max_new - peak_slots(prompt, max_new, config, getattr(adder, STRIDE_ATTR, None)))
-    return credit
+    if not is_compressing(config):
+        return 0
+    stride = getattr(adder, STRIDE_ATTR, None)
+    replay = getattr(req, REPLAY_ATTR, None)
+    prompt = len(req.full_untruncated_fill_ids) - req.prefix_len
+    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    if replay is None:
+        peak = peak_slots(prompt, max_new, config, stride)
+    elif replay.cut_at is not None:
+        peak = replay_peak_slots(replay.keep.shape[-1], prompt, max_new, config, stride)
+    else:
+        return 0  # a replay of a prompt decided whole holds it all again: SGLang's count is right
+    return max(0, prompt + max_new - peak)
 
 
 @contextmanager
@@ -176,4 +200,4 @@ def _around_floor_chunked_tokens(original: Any, adder: Any, trunc_len: int, rema
     return length if align is None else aligned_chunk(length, remaining, align)
 
 
-__all__ = ["aligned_chunk", "install_hooks", "peak_slots"]
+__all__ = ["aligned_chunk", "install_hooks", "kept_slots", "peak_slots", "prefill_peak_slots", "replay_peak_slots"]

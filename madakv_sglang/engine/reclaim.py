@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.engine import admission
+from madakv_sglang.engine import admission, long_prompts
 from madakv_sglang.engine import state as scheduler_state
 from madakv_sglang.engine.environment import server_config
 from madakv_sglang.engine.metrics import record_compression, record_skip
@@ -80,6 +80,7 @@ def install_hooks() -> None:
         HookType.AROUND,
     )
     admission.install_hooks()
+    long_prompts.install_hooks()
     _installed = True
 
 

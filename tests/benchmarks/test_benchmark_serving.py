@@ -43,6 +43,7 @@ LOG = f"""\
         ("pyramidkv:0.1:per-layer", "pyramidkv", "0.1", "pyramidkv:0.1:per-layer"),
         ("madakv:0.1:chunk", "madakv", "0.1", "madakv:0.1:chunk"),
         ("madakv:0.1:chunk:per-layer", "madakv", "0.1", "madakv:0.1:per-layer:chunk"),
+        ("madakv:0.1:chunk-keep4", "madakv", "0.1", "madakv:0.1:chunk-keep4"),
     ],
 )
 def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: str | None, label: str) -> None:
@@ -50,7 +51,8 @@ def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: st
     assert (spec.policy, spec.budget, spec.label) == (policy, budget, label)
     assert spec.server_args()[:2] == ["--kv-policy", policy]
     assert ("--kv-layout" in spec.server_args()) == (":per-layer" in label)
-    assert ("--kv-prefill-evict" in spec.server_args()) == label.endswith(":chunk")
+    assert ("--kv-prefill-evict" in spec.server_args()) == (":chunk" in label)
+    assert ("--kv-prefill-keep" in spec.server_args()) == ("-keep" in label)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,9 @@ def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: st
         "madakv:0.1:paged",
         "full::shared",
         "madakv:0.1:chunk:chunk",
+        "madakv:0.1:chunk:chunk-keep2",
+        "madakv:0.1:chunk-keep0.5",
+        "madakv:0.1:chunk-keep",
         "streamingllm:0.1:chunk",
     ],
 )

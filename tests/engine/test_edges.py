@@ -34,7 +34,7 @@ from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV
 from tests.sglang_server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTEXT_LEN = 4096  # the tiny Qwen2-VL's max_position_embeddings (madakv_sglang.tiny_models)
+CONTEXT_LEN = checkpoints.MAX_POSITIONS  # the tiny Qwen2-VL checkpoint's max_position_embeddings
 MADAKV_ARGS = ["--kv-policy", "madakv", "--kv-budget", "0.2", "--kv-window", "8", "--max-total-tokens", "8192"]
 PROMPT = "Tell me a story about a robot who paints flowers in the garden of an old castle by the sea."
 GREEDY = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
@@ -199,11 +199,13 @@ def test_the_tokenizer_hook_refuses_what_tokenized_to_nothing(monkeypatch: pytes
     with pytest.raises(ValueError, match=re.escape(EMPTY)):
         _after_validate_one_request(None, manager, request(), [])
     _after_validate_one_request(None, manager, request(input_embeds=[[0.0]]), [])  # embeddings carry no ids
-    with pytest.raises(ConfigError, match="above the model's context length \\(4096 tokens\\)"):
+    with pytest.raises(ConfigError, match=f"above the model's context length \\({CONTEXT_LEN} tokens\\)"):
         _after_validate_one_request(
-            None, manager, request(sampling_params={"custom_params": {"kv_budget": 4097}}), [1, 2]
+            None, manager, request(sampling_params={"custom_params": {"kv_budget": CONTEXT_LEN + 1}}), [1, 2]
         )
-    _after_validate_one_request(None, manager, request(sampling_params={"custom_params": {"kv_budget": 4096}}), [1])
+    _after_validate_one_request(
+        None, manager, request(sampling_params={"custom_params": {"kv_budget": CONTEXT_LEN}}), [1]
+    )
 
 
 def test_check_generate_input_leaves_images_to_the_tokenizer() -> None:

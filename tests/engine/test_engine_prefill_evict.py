@@ -9,6 +9,7 @@ import math
 import re
 import threading
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ CHUNK_ARGS = [
     str(SINK),
     "--kv-prefill-evict",
     "chunk",
+    "--kv-prefill-keep",
+    "1",  # the tightest cuts (not the default 4): the most cuts per prompt, the smallest margins
 ]
 
 
@@ -160,5 +163,60 @@ def test_retracted_requests_replay_their_cuts_and_aborts_between_chunks_leak_not
     assert results[aborted].get("meta_info", {}).get("finish_reason", {}).get("type") in ("abort", None)
     time.sleep(3)  # let the scheduler go idle: SGLang's strict idle check raises on a leak
     assert crowded.process.poll() is None, log[-3000:]
+    assert "Leak" not in crowded.log() and "double free" not in crowded.log()
+    assert crowded.get("/health_generate", timeout=60) is not None
+
+
+def _refusal(server: Server, ids: list[int], custom: dict[str, Any]) -> str:
+    """The error text of a request the scheduler refuses (an HTTP error body, or an abort's message)."""
+    try:
+        output = generate(server, ids, MAX_NEW, custom)
+    except urllib.error.HTTPError as err:
+        return err.read().decode()
+    assert output["meta_info"]["finish_reason"]["type"] == "abort", output
+    return str(output["meta_info"]["finish_reason"])
+
+
+def test_prompts_longer_than_the_pool_are_served_by_what_they_hold(crowded: Server, chunked: Server) -> None:
+    """SGLang refuses a prompt of pool - 6 tokens or more. A chunk-evicting one holds its cut size plus one chunk
+    while it is prefilled (168 slots at budget 0.1 here), so it is served on the 900-slot pool, with the tokens a
+    roomy pool gives, also when SGLang retracts it; its output is clipped to what its kept slots leave."""
+    pool = re.search(r"max_total_num_tokens=(\d+)", crowded.log())
+    assert pool, "SGLang logs its pool size at start-up"
+    capacity = int(pool.group(1))
+    longer = random_prompts((1200, 1500), seed=4)
+    assert all(len(ids) > capacity for ids in longer)
+    start = len(crowded.log())
+    outputs: dict[int, dict[str, Any]] = {}
+
+    def run(index: int, ids: list[int]) -> None:
+        outputs[index] = generate(crowded, ids, 40, rid=f"long-{index}")
+
+    # At once, so that SGLang's test switch has two decoding requests to retract one of.
+    threads = [threading.Thread(target=run, args=(i, ids)) for i, ids in enumerate(longer)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    for index, ids in enumerate(longer):
+        rid = f"long-{index}"
+        assert finite_logprobs(outputs[index])
+        roomy = generate(chunked, ids, 40)["output_ids"]
+        assert outputs[index]["output_ids"] == roomy, f"{rid}: output depends on the pool"
+        held = [line.held + CHUNK for line in cut_lines(crowded.log()) if line.rid == rid]
+        assert held and max(held) < capacity
+    retracted = sum(int(n) for n in re.findall(r"#retracted_reqs: (\d+)", crowded.log()[start:]))
+    assert retracted >= 1, "SGLANG_TEST_RETRACT retracted no long request"  # so the equality above covers replays
+    # Kept 720 slots (budget 0.6 of 1200), asking for 800 tokens (within the 2048-token context): it gets what the
+    # pool leaves after them (long_prompts.output_limit: capacity - kept - one page - 2, page size 1 on CPU).
+    clipped = generate(crowded, longer[0], 800, {"kv_budget": 0.6})
+    assert len(clipped["output_ids"]) == capacity - 720 - 3
+    # Refused with a reason: a cut size that does not fit, and a request that asks to hold its whole prompt.
+    too_big = _refusal(crowded, longer[0], {"kv_budget": 0.9})
+    assert "exceeds the KV pool's limit" in too_big and "--kv-prefill-evict chunk" in too_big, too_big
+    whole = _refusal(crowded, longer[0], {"kv_prefill_evict": "off"})
+    assert "exceeds the maximum allowed length" in whole, whole
+    time.sleep(3)  # SGLang's strict idle check raises on a leak
+    assert crowded.process.poll() is None, crowded.log()[-3000:]
     assert "Leak" not in crowded.log() and "double free" not in crowded.log()
     assert crowded.get("/health_generate", timeout=60) is not None

@@ -183,7 +183,8 @@ def test_layouts_move_cells_but_never_change_the_choice_or_the_output(
     chunked prefill, which packs into the slots its cuts left."""
     lengths = (197, 100, 260, 57)
     cases = [(None, index, ids) for index, ids in enumerate(_prompts(lengths, seed=6))]
-    cases += [({"kv_prefill_evict": "chunk"}, index, ids) for index, ids in enumerate(_prompts(lengths, seed=7))]
+    cut = {"kv_prefill_evict": "chunk", "kv_prefill_keep": 1}  # cuts of B: the most cuts these prompts allow
+    cases += [(cut, index, ids) for index, ids in enumerate(_prompts(lengths, seed=7))]
     for custom, index, ids in cases:
         rid = f"layouts-{'chunk-' if custom else ''}{index}"
         shared = _generate(madakv, ids, custom=custom, rid=rid)

@@ -112,7 +112,7 @@ def _check_ranks_against_one_rank_policy(dump: Path, log: str, rid: str, tp: int
     for record in ranks:  # chunk eviction: every rank cut the same positions
         assert (positions is None) == (record.get("positions") is None)
         assert positions is None or torch.equal(record["positions"], positions), f"{rid}: ranks cut differently"
-    config = POLICY if positions is None else POLICY.replace(prefill_evict="chunk")
+    config = POLICY if positions is None else POLICY.replace(prefill_evict="chunk", prefill_keep=1.0)
     request = Finishing(
         row=0, prompt_len=n, visual=ranks[0]["visual"], config=config, scores=scores, positions=positions
     )
@@ -167,7 +167,7 @@ def test_tp2_ranks_cut_the_same_positions_between_chunks_and_match_tp1(servers: 
     """``kv_prefill_evict chunk`` per request: the ranks sum their heads' window scores over the TP group, so every
     rank cuts the same positions after every chunk (and frees the same slots), and TP=1 cuts alike."""
     root, tp1, tp2 = servers
-    measured = _compare_with_tp1(2, tp1, tp2, root, tag="c", custom={"kv_prefill_evict": "chunk"})
+    measured = _compare_with_tp1(2, tp1, tp2, root, tag="c", custom={"kv_prefill_evict": "chunk", "kv_prefill_keep": 1})
     print(f"TP=2 vs TP=1 with chunk eviction: {measured}")
     per_rank: dict[int | None, list[tuple[str, int, int, int]]] = {}
     for line in cut_lines(tp2.log()):

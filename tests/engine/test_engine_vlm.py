@@ -193,7 +193,7 @@ def test_chunk_eviction_cuts_images_split_across_chunks_with_their_visual_mask(
         render(processor, chat),
         chat.images,
         rid="cut-3img",
-        custom={"kv_prefill_evict": "chunk"},
+        custom={"kv_prefill_evict": "chunk", "kv_prefill_keep": 1},  # cuts of B: several in this short chat
         prompt_logprobs=True,
     )
     visual = _check_same_prompt(output, inputs)

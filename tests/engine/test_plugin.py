@@ -789,8 +789,9 @@ def test_peak_slots_count_what_a_compressing_request_holds_at_its_peak() -> None
     config = PolicyConfig(policy="madakv", budget="0.1", window=8, sink=4)
     # 1,000 prompt tokens, 64 out: the whole prompt during prefill, then B = 100 kept + 64.
     assert peak_slots(1000, 64, config, stride=256) == 1000
-    # Chunk eviction with 256-token chunks: the cut size (B = 100) plus one chunk, then 100 + 64.
-    chunked = config.replace(prefill_evict="chunk")
+    # Chunk eviction with 256-token chunks: the cut size (4B = 400 by default) plus one chunk, then 100 + 64.
+    assert peak_slots(1000, 64, config.replace(prefill_evict="chunk"), stride=256) == 656
+    chunked = config.replace(prefill_evict="chunk", prefill_keep=1.0)  # cuts of B = 100
     assert peak_slots(1000, 64, chunked, stride=256) == 356
     assert peak_slots(1000, 400, chunked, stride=256) == 500  # a long output outgrows the prefill peak
     assert peak_slots(1000, 64, chunked.replace(prefill_keep=2.0), stride=256) == 456
