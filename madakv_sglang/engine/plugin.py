@@ -130,7 +130,11 @@ def _install_scheduler_hooks() -> None:
         )
         logger.error(_scheduler_hooks_error)
         return
-    install_hooks()
+    try:
+        install_hooks()
+    except Exception as err:  # a half-installed set of hooks must not serve: the backend factory raises this
+        _scheduler_hooks_error = f"madakv: installing the scheduler hooks failed: {type(err).__name__}: {err}"
+        logger.exception(_scheduler_hooks_error)
 
 
 def _spawned_by_sglang() -> bool:

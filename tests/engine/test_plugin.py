@@ -802,3 +802,21 @@ def test_peak_slots_count_what_a_compressing_request_holds_at_its_peak() -> None
     assert peak_slots(1000, 400, chunked.replace(layout="per-layer"), stride=256) == 525
     # The skip rule keeps a short prompt whole: SGLang's own count.
     assert peak_slots(100, 64, chunked, stride=256) == 164
+
+
+def test_a_failed_hook_installation_stops_the_scheduler_instead_of_serving_half_hooked(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """SGLang's load_plugins logs a plugin's exception and goes on; the error is kept and the backend factory
+    raises it, so a compressing server never runs with some of its hooks missing."""
+    from madakv_sglang.engine import plugin, reclaim
+
+    def broken() -> None:
+        raise NameError("name 'long_prompts' is not defined")  # the mistake that showed the gap
+
+    clean_env.setenv("MADAKV_KV_POLICY", "madakv")
+    clean_env.setattr(reclaim, "install_hooks", broken)
+    clean_env.setattr(plugin, "_scheduler_hooks_error", None)
+    plugin._install_scheduler_hooks()
+    with pytest.raises(RuntimeError, match="installing the scheduler hooks failed: NameError: name 'long_prompts'"):
+        plugin._create_backend(None)
