@@ -252,6 +252,11 @@ class PolicyConfig:
         """``min_reclaim`` as an exact fraction, so the skip rule is decided in integers."""
         return Fraction(str(self.min_reclaim))
 
+    def effective_budget(self, prompt_len: int) -> int:
+        """B for a prompt of ``prompt_len`` tokens before the skip rule: the nominal budget raised to ``min_keep``
+        (at least 1), at most the prompt; ``policies.base.raised_budget`` is the same on tensors."""
+        return min(max(self.budget.tokens_for(prompt_len), self.min_keep or 1), prompt_len)
+
     def replace(self, **changes: Any) -> PolicyConfig:
         return dataclasses.replace(self, **changes)
 

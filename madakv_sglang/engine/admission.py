@@ -55,7 +55,7 @@ def kept_slots(prompt_len: int, config: PolicyConfig) -> int:
     fullest layer under ``per-layer``, the whole prompt when the skip rule keeps it."""
     if skip_code(prompt_len, config):
         return prompt_len
-    budget = min(max(config.budget.tokens_for(prompt_len), config.min_keep or 1), prompt_len)
+    budget = config.effective_budget(prompt_len)
     if config.layout == "per-layer":
         cap = config.cap_fraction
         return prompt_len if cap is None else min(prompt_len, math.ceil(cap * budget))
@@ -67,7 +67,7 @@ def prefill_peak_slots(prompt_len: int, config: PolicyConfig, stride: int | None
     ``stride`` its cut size plus one chunk."""
     if skip_code(prompt_len, config) or config.prefill_evict != "chunk" or stride is None:
         return prompt_len
-    budget = min(max(config.budget.tokens_for(prompt_len), config.min_keep or 1), prompt_len)
+    budget = config.effective_budget(prompt_len)
     protected = min(prompt_len, config.sink + config.window)
     cut = survivor_target(budget, config.prefill_keep_fraction, protected, prompt_len)
     return min(prompt_len, cut + stride)
@@ -76,7 +76,7 @@ def prefill_peak_slots(prompt_len: int, config: PolicyConfig, stride: int | None
 def peak_slots(prompt_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
     """The most slots a request of ``prompt_len`` tokens and ``max_new`` output tokens holds under ``config``:
     its prefill peak (:func:`prefill_peak_slots`) or its kept slots plus its output, whichever is larger."""
-    return max(prefill_peak_slots(prompt_len, config, stride), kept_slots(prompt_len, config) + max_new)
+    return replay_peak_slots(prompt_len, prompt_len, max_new, config, stride)
 
 
 def replay_peak_slots(prompt_len: int, fill_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:

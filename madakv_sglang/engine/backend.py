@@ -382,7 +382,7 @@ class _MadaKVMixin:
         key_pos = torch.cat([prior, torch.arange(prefix, seq, device=device)])
         cut_target = None
         if replay is None and seq < full_len:
-            budget = min(max(config.budget.tokens_for(full_len), config.min_keep or 1), full_len)
+            budget = config.effective_budget(full_len)
             protected = min(config.sink + config.window, int(key_pos.numel()))
             target = chunk_eviction.survivor_target(
                 budget, config.prefill_keep_fraction, protected, int(key_pos.numel())
