@@ -22,6 +22,7 @@ Pooling = Literal["none", "max", "avg"]
 GqaReduce = Literal["mean", "max"]
 Layout = Literal["shared", "per-layer"]
 PrefillEvict = Literal["off", "chunk"]
+Radix = Literal["auto", "on", "off"]
 PrefillSplit = Literal["modality", "none"]
 
 HCC_MODES: tuple[str, ...] = ("global", "paper", "off")
@@ -30,6 +31,7 @@ POOLINGS: tuple[str, ...] = ("none", "max", "avg")
 GQA_REDUCES: tuple[str, ...] = ("mean", "max")
 LAYOUTS: tuple[str, ...] = ("shared", "per-layer")
 PREFILL_EVICTS: tuple[str, ...] = ("off", "chunk")
+RADIX_MODES: tuple[str, ...] = ("auto", "on", "off")
 PREFILL_SPLITS: tuple[str, ...] = ("modality", "none")
 
 
@@ -173,6 +175,10 @@ class PolicyConfig:
             drops what the question later asks for (benchmarks/RESULTS.md, "Eviction during chunked prefill").
         prefill_split: how a cut splits what it keeps: ``modality`` in proportion to each modality's attention
             mass (as MPA splits a head's budget), ``none`` in one ranking.
+        radix: SGLang's prefix cache for compressing policies (``madakv_sglang.engine.radix``): ``on`` (a prompt
+            matches and inserts its dense prefix; its kept cells are copied to fresh slots), ``off`` (the tree is
+            off for the whole server), ``auto`` (on unless ``prefill_evict=chunk`` or SGLang's
+            ``--disable-radix-cache``). A property of the server, never a request's.
         options: the values of policy options (:class:`PolicyOption`) that differ from their defaults, as sorted
             ``(name, value)`` pairs; read them with ``OPTION.of(config)``.
     """
@@ -197,6 +203,7 @@ class PolicyConfig:
     prefill_evict: PrefillEvict = "off"
     prefill_keep: float = 4.0
     prefill_split: PrefillSplit = "modality"
+    radix: Radix = "auto"
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -228,6 +235,7 @@ class PolicyConfig:
         if not (1.0 <= self.prefill_keep <= 64.0):
             raise ConfigError(f"prefill_keep: must be in [1, 64] (a multiple of the budget), got {self.prefill_keep}")
         _check_choice("prefill_split", self.prefill_split, PREFILL_SPLITS)
+        _check_choice("radix", self.radix, RADIX_MODES)
         names = [name for name, _ in self.options]
         if names != sorted(set(names)):
             raise ConfigError(f"options: expected sorted, unique (name, value) pairs, got {self.options!r}")
@@ -368,6 +376,7 @@ FIELD_PARSERS: dict[str, Callable[[Any], Any]] = {
     "prefill_evict": str,
     "prefill_keep": float,
     "prefill_split": str,
+    "radix": str,
 }
 FIELDS: tuple[str, ...] = tuple(FIELD_PARSERS)
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -379,4 +388,5 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "layout": LAYOUTS,
     "prefill_evict": PREFILL_EVICTS,
     "prefill_split": PREFILL_SPLITS,
+    "radix": RADIX_MODES,
 }

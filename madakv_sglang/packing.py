@@ -260,28 +260,42 @@ class PoolView:
         return self.rows * self.heads if self.layout == "shared" else 0
 
 
+def packed_slots(decision: Decision, tp_size: int, layout: str) -> int:
+    """M, the slots a request holds once its decision is packed under ``layout`` (the same on every TP rank)."""
+    return int(slot_count(decision.all_head_counts[None], tp_size, layout=layout)[0])
+
+
 def pack_batch(
     requests: list[Finishing],
     decisions: list[Decision],
     rows_map: Tensor,
     pool: PoolView,
     tp_size: int,
+    targets: list[Tensor] | None = None,
 ) -> list[PackedRow | None]:
     """Move the kept cells of every request into its first M slots, all requests of the batch in one gather and
     one scatter (per layer for ``per-layer``). ``rows_map`` is ``req_to_token``. A request whose heads keep every
-    position gets ``None`` (nothing to pack or free)."""
+    position gets ``None`` (nothing to pack or free).
+
+    ``targets`` (one per request, M slots each) packs into those slots instead of the row's own first M: slots
+    the caller allocated, or a part of the row it owns (``engine.radix``, where the row's prompt slots stay the
+    prefix tree's). Then the caller frees what the row no longer needs: ``pending_free`` is ``None``."""
     start = time.perf_counter()
     plans: list[tuple[int, int, Tensor, PackPlan] | None] = []
-    for request, decision in zip(requests, decisions, strict=True):
+    for index, (request, decision) in enumerate(zip(requests, decisions, strict=True)):
         if bool(decision.keep.all()):
             plans.append(None)
             continue
         n = request.prompt_len
         row_slots = rows_map[request.row, :n].long()
-        # The slots the row still owns, in order: all n, or fewer once chunk eviction has cut the prompt (a cut
-        # position points at the padding slot 0, which SGLang never allocates).
-        owned = row_slots[row_slots != 0]
-        slots = int(slot_count(decision.all_head_counts[None], tp_size, layout=pool.layout)[0])
+        slots = packed_slots(decision, tp_size, pool.layout)
+        if targets is None:
+            # The slots the row still owns, in order: all n, or fewer once chunk eviction has cut the prompt (a cut
+            # position points at the padding slot 0, which SGLang never allocates).
+            owned = row_slots[row_slots != 0]
+        else:
+            owned = targets[index].long()
+            assert owned.numel() == slots, f"{owned.numel()} target slots for a decision that packs into {slots}"
         rows = pool.rows if pool.layout == "shared" else None
         plans.append((request.row, slots, owned, pack_plan(decision.keep, row_slots, owned[:slots], rows=rows)))
     chosen = [p for p in plans if p is not None]
@@ -310,7 +324,7 @@ def pack_batch(
         row, slots, owned, plan = planned
         n = request.prompt_len
         waste = int(packing_waste(decision.all_head_counts[None], torch.tensor([slots]))[0])
-        pending = owned[slots:].to(rows_map.dtype)
+        pending = owned[slots:].to(rows_map.dtype) if targets is None else None
         rows_map[row, :slots] = owned[:slots].to(rows_map.dtype)
         rows_map[row, slots:n] = 0  # evicted positions -> the padding slot
         out.append(

@@ -38,6 +38,8 @@ _HELP = {
     "final budget, so a long prompt never holds all its slots (needs --chunked-prefill-size)",
     "prefill_keep": "what a cut between prefill chunks keeps, as a multiple of the final budget (>= 1)",
     "prefill_split": "how a cut between prefill chunks splits what it keeps: by modality attention mass, or none",
+    "radix": "SGLang's prefix cache with a compressing policy: prompts share their dense prefix through the tree "
+    "and compress their own copy; auto is on unless --kv-prefill-evict chunk or --disable-radix-cache",
 }
 
 

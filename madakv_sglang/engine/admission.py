@@ -73,10 +73,13 @@ def prefill_peak_slots(prompt_len: int, config: PolicyConfig, stride: int | None
     return min(prompt_len, cut + stride)
 
 
-def peak_slots(prompt_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
+def peak_slots(prompt_len: int, max_new: int, config: PolicyConfig, stride: int | None, prefix_len: int = 0) -> int:
     """The most slots a request of ``prompt_len`` tokens and ``max_new`` output tokens holds under ``config``:
-    its prefill peak (:func:`prefill_peak_slots`) or its kept slots plus its output, whichever is larger."""
-    return replay_peak_slots(prompt_len, prompt_len, max_new, config, stride)
+    its prefill peak (:func:`prefill_peak_slots`) or its kept slots plus its output, whichever is larger. The
+    first ``prefix_len`` tokens, matched in the prefix tree, are the tree's: it allocates none for them, and still
+    keeps the whole prompt's kept slots (``engine.radix``)."""
+    prefill = prefill_peak_slots(prompt_len, config, stride) - prefix_len
+    return max(prefill, kept_slots(prompt_len, config) + max_new)
 
 
 def replay_peak_slots(prompt_len: int, fill_len: int, max_new: int, config: PolicyConfig, stride: int | None) -> int:
@@ -114,15 +117,15 @@ def _credit(adder: Any, req: Any) -> int:
         return 0
     stride = getattr(adder, STRIDE_ATTR, None)
     replay = getattr(req, REPLAY_ATTR, None)
-    prompt = len(req.full_untruncated_fill_ids) - req.prefix_len
+    fill = len(req.full_untruncated_fill_ids)
     max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
     if replay is None:
-        peak = peak_slots(prompt, max_new, config, stride)
-    elif replay.cut_at is not None:
-        peak = replay_peak_slots(replay.keep.shape[-1], prompt, max_new, config, stride)
+        peak = peak_slots(fill, max_new, config, stride, req.prefix_len)
+    elif replay.cut_at is not None:  # chunk eviction takes nothing from the tree: prefix_len is 0
+        peak = replay_peak_slots(replay.keep.shape[-1], fill, max_new, config, stride)
     else:
         return 0  # a replay of a prompt decided whole holds it all again: SGLang's count is right
-    return max(0, prompt + max_new - peak)
+    return max(0, fill - req.prefix_len + max_new - peak)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ decode attention from ``madakv_sglang.kernels``. The scheduler side (freeing slo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,7 +24,8 @@ from madakv_sglang.config import PolicyConfig
 from madakv_sglang.engine import state as scheduler_state
 from madakv_sglang.engine.environment import BASE_BACKEND_ENV, is_compressing, server_config
 from madakv_sglang.engine.modality import visual_mask
-from madakv_sglang.engine.state import RequestInfo
+from madakv_sglang.engine.radix import uses_prefix_cache
+from madakv_sglang.engine.state import PendingPack, RequestInfo
 from madakv_sglang.engine.tp import HeadShard, TensorParallelComm, check_same_policy, engine_group
 from madakv_sglang.kernels import decode_kernel_for, headwise_decode
 from madakv_sglang.kernels.dispatch import index_tables, layout_kernel_for
@@ -37,6 +39,7 @@ from madakv_sglang.packing import (
     Replay,
     decide,
     pack_batch,
+    packed_slots,
     skip_code,
 )
 from madakv_sglang.policies import get_policy
@@ -489,10 +492,13 @@ class _MadaKVMixin:
                 _dump(dump_dir, entry.rid, request, decision, self.geometry)
         rows_map = self.req_to_token_pool.req_to_token
         compressed = [(r, d) for r, d in zip(finishing, decisions, strict=True) if not r.skipped]
+        # Rows whose prompt slots the prefix tree may share are packed by the scheduler, into slots it picks.
+        deferred = {id(r) for r, _ in compressed if self.state.prefix_cache and uses_prefix_cache(r.config)}
+        in_place = [(r, d) for r, d in compressed if id(r) not in deferred]
         packed_rows = pack_batch(
-            [r for r, _ in compressed], [d for _, d in compressed], rows_map, self.pool, self.geometry.tp_size
+            [r for r, _ in in_place], [d for _, d in in_place], rows_map, self.pool, self.geometry.tp_size
         )
-        packed_of = {id(r): p for (r, _), p in zip(compressed, packed_rows, strict=True)}
+        packed_of = {id(r): p for (r, _), p in zip(in_place, packed_rows, strict=True)}
         for entry, request, decision in zip(entries, finishing, decisions, strict=True):
             state = self.state.open(request.row, self._generation(request.row))
             if entry.remember is not None and request.replay is None:
@@ -502,11 +508,27 @@ class _MadaKVMixin:
             if request.skipped:
                 state.skipped = SKIP_REASONS[request.skipped]
                 continue
+            if id(request) in deferred:
+                whole = bool(decision.keep.all())
+                state.pending_pack = PendingPack(
+                    None if whole else functools.partial(self._pack_into, request, decision, decide_share),
+                    request.prompt_len if whole else packed_slots(decision, self.geometry.tp_size, self.pool.layout),
+                    request.prompt_len,
+                )
+                continue
             packed = packed_of[id(request)]
             if packed is None:
                 continue
             packed.compress_seconds += decide_share
             state.packed = packed
+
+    def _pack_into(self, request: Finishing, decision: Decision, decide_seconds: float, targets: Tensor) -> PackedRow:
+        """``PendingPack.pack``: the kept cells into ``targets``, and the row pointed at them."""
+        rows_map = self.req_to_token_pool.req_to_token
+        (packed,) = pack_batch([request], [decision], rows_map, self.pool, self.geometry.tp_size, targets=[targets])
+        assert packed is not None, "a pending pack whose decision keeps everything"
+        packed.compress_seconds += decide_seconds
+        return packed
 
     # ---- decode: per-layer, per-head cell lists ----
 

@@ -371,6 +371,20 @@ def unsupported_settings(cfg: Any, config: PolicyConfig) -> list[str]:
         "HiCache (--enable-hierarchical-cache)",
         "it offloads and restores the radix tree's KV, which compression takes out of the tree",
     )
+    external = [
+        flag
+        for flag, on in (
+            (f"--radix-cache-backend {cfg.radix_cache_backend}", cfg.radix_cache_backend is not None),
+            ("--enable-lmcache", bool(cfg.enable_lmcache)),
+            ("--enable-flexkv", bool(cfg.enable_flexkv)),
+        )
+        if on
+    ]
+    refuse(
+        bool(external),
+        " and ".join(external),
+        "it replaces or extends SGLang's radix tree, on which madakv's prefix cache (--kv-radix) is built",
+    )
     refuse(
         bool(cfg.enable_streaming_session),
         "--enable-streaming-session",
@@ -483,12 +497,15 @@ def _force_settings(server_args: Any, previous: Callable[[Any], None]) -> None:
         f"{BACKEND_NAME} backend, which runs {base} for dense prefill",
     )
     force("page_size", 1, view.page_size, "packed cells need one token per page")
-    force(
-        "disable_radix_cache",
-        True,
-        view.disable_radix_cache,
-        "a compressed prompt's KV cannot be shared through the prefix tree",
-    )
+    radix, why_off = _prefix_cache_resolution(view, config)
+    setattr(server_args, _RADIX_MARK, radix)
+    if radix:
+        logger.info(
+            "madakv: prefix cache on: prompts share their dense prefix through SGLang's radix tree, and each "
+            "compresses its own copy into fresh slots"
+        )
+    else:
+        force("disable_radix_cache", True, view.disable_radix_cache, why_off)
     force(
         "disable_overlap_schedule",
         True,
@@ -510,13 +527,46 @@ def _force_settings(server_args: Any, previous: Callable[[Any], None]) -> None:
             )
 
 
+_RADIX_MARK = "_madakv_radix"  # what _force_settings resolved for the prefix cache
+
+
+def _prefix_cache_resolution(view: Any, config: PolicyConfig) -> tuple[bool, str]:
+    """Whether the radix tree runs with ``config`` (``--kv-radix``), and why not when it does not. ``on`` with a
+    setting that rules it out is refused later (:func:`_radix_problems`); ``auto`` gives way to it."""
+    if config.radix == "off":
+        return False, "--kv-radix off"
+    blocker = _radix_blocker(view, config)
+    if blocker is not None:
+        return False, blocker
+    return True, ""
+
+
+def _radix_blocker(view: Any, config: PolicyConfig) -> str | None:
+    if config.prefill_evict == "chunk":
+        return "--kv-prefill-evict chunk frees prompt slots between chunks, which the tree would share"
+    if view.disable_radix_cache:
+        return "SGLang's settings turn the radix cache off (--disable-radix-cache, or a setting that needs it off)"
+    return None
+
+
+def _radix_problems(cfg: Any, config: PolicyConfig, resolved: bool | None) -> list[str]:
+    """``--kv-radix on`` that cannot run, and a later SGLang step that undid the resolution."""
+    problems = []
+    if config.radix == "on":
+        blocker = _radix_blocker(cfg, config)
+        if blocker is not None:
+            problems.append(f"--kv-radix on cannot run: {blocker}; use --kv-radix auto or off")
+    if resolved is False and not cfg.disable_radix_cache:
+        problems.append("disable_radix_cache ended up False after madakv set it to True")
+    return problems
+
+
 def _final_problems(cfg: Any) -> list[str]:
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
 
     expected = {
         "attention_backend": BACKEND_NAME,
         "page_size": 1,
-        "disable_radix_cache": True,
         "disable_overlap_schedule": True,
     }
     problems = [
@@ -544,6 +594,7 @@ def _check_final(server_args: Any, previous: Callable[[Any], None]) -> None:
         return
     cfg = resolving_view(server_args)
     problems = unsupported_settings(cfg, config) + _final_problems(cfg) + _budget_problems(server_args, config)
+    problems += _radix_problems(cfg, config, getattr(server_args, _RADIX_MARK, None))
     problems += _prefill_evict_problems(cfg, config)
     if problems:
         _refuse(server_args, problems)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from madakv_sglang.config import ConfigError, PolicyConfig
-from madakv_sglang.engine import admission, long_prompts
+from madakv_sglang.engine import admission, long_prompts, radix
 from madakv_sglang.engine import state as scheduler_state
 from madakv_sglang.engine.environment import server_config
 from madakv_sglang.engine.metrics import record_compression, record_skip
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 REPLAY_ATTR = "_madakv_replay"  # the decision a retracted request re-applies, kept on the Req itself
 META_KEY = "madakv"  # meta_info key of the per-request numbers
+DENSE_REASON = "no room"  # meta_info skip reason of a prompt ``radix.place`` could not pack
 
 _installed = False
 
@@ -81,6 +82,7 @@ def install_hooks() -> None:
     )
     admission.install_hooks()
     long_prompts.install_hooks()
+    radix.install_hooks()
     _installed = True
 
 
@@ -103,6 +105,8 @@ def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **k
     shared = scheduler_state.current()
     if shared is None or not batch.forward_mode.is_extend():
         return original(scheduler, batch, *args, **kwargs)
+    tree = scheduler.tree_cache
+    shared.prefix_cache = tree is not None and tree.supports_prefix_sharing()
     infos = [
         RequestInfo(
             rid=req.rid,
@@ -139,8 +143,21 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         if state is None:
             continue
         if state.skipped is not None:
-            _report_skipped(req, state.skipped, len(req.origin_input_ids), request_policy(req))
+            _report_skipped(req, state.skipped, len(req.origin_input_ids), request_policy(req), _cached_whole(req))
             state.skipped = None
+        if state.pending_pack is not None:
+            prompt_len = state.pending_pack.prompt_len
+            placement = radix.place(scheduler, req, state, state.pending_pack)
+            if placement == "whole":
+                continue
+            if placement == "dense":
+                _report_dense(req, prompt_len, request_policy(req), _cached_whole(req))
+                continue
+            assert state.packed is not None
+            freed_now += state.returned
+            state.packed.evicted = state.returned
+            _report(req, state.packed, request_policy(req).policy, cached=placement == "cached")
+            continue
         if state.cut_pending is not None:
             dropped = _give_back(allocator, state, state.cut_pending)
             state.cut_pending = None
@@ -177,7 +194,7 @@ def _set_meta(req: Any, summary: dict[str, Any]) -> None:
     req.customized_info[META_KEY] = [summary]
 
 
-def _report(req: Any, packed: PackedRow, policy: str) -> None:
+def _report(req: Any, packed: PackedRow, policy: str, cached: bool = False) -> None:
     layout = server_config().layout
     _set_meta(
         req,
@@ -189,6 +206,7 @@ def _report(req: Any, packed: PackedRow, policy: str) -> None:
             "compress_ms": round(packed.compress_seconds * 1e3, 3),
             "layout": layout,
             "skipped": None,
+            "prompt_cached": cached,
         },
     )
     logger.info(format_compressed(req.rid, packed.prompt_len, packed.slots, packed.waste_cells, layout))
@@ -197,8 +215,29 @@ def _report(req: Any, packed: PackedRow, policy: str) -> None:
     )
 
 
-def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig) -> None:
+def _cached_whole(req: Any) -> bool:
+    """Whether SGLang caches a prompt served whole (it inserts it after this batch, unless barred)."""
+    shared = scheduler_state.current()
+    return shared is not None and shared.prefix_cache and not req.skip_radix_cache_insert
+
+
+def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig, cached: bool) -> None:
     """A prompt served uncompressed by the skip rule: said in ``meta_info``, the log and the metrics."""
+    why = (
+        f"{prompt_len} < --kv-min-prompt {config.min_prompt}"
+        if reason == "short prompt"
+        else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}"
+    )
+    _report_whole(req, reason, why, prompt_len, config, cached)
+
+
+def _report_dense(req: Any, prompt_len: int, config: PolicyConfig, cached: bool) -> None:
+    """A decided prompt the pool had no room to pack beside the tree's part of it (``radix.place``)."""
+    why = "no free slots for its kept cells and fewer slots of its own than it keeps; served dense"
+    _report_whole(req, DENSE_REASON, why, prompt_len, config, cached)
+
+
+def _report_whole(req: Any, reason: str, why: str, prompt_len: int, config: PolicyConfig, cached: bool) -> None:
     _set_meta(
         req,
         {
@@ -209,12 +248,8 @@ def _report_skipped(req: Any, reason: str, prompt_len: int, config: PolicyConfig
             "compress_ms": 0.0,
             "layout": config.layout,
             "skipped": reason,
+            "prompt_cached": cached,
         },
-    )
-    why = (
-        f"{prompt_len} < --kv-min-prompt {config.min_prompt}"
-        if reason == "short prompt"
-        else f"budget {config.budget} would reclaim less than --kv-min-reclaim {config.min_reclaim}"
     )
     logger.info(format_skipped(req.rid, prompt_len, reason, why))
     record_skip(reason, policy=config.policy, layout=config.layout)

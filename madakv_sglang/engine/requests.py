@@ -75,6 +75,11 @@ def request_config(custom_params: Mapping[str, Any] | None, base: PolicyConfig) 
             f"custom_params.{KEY_PREFIX}layout: the KV layout is a property of the server's KV pool, set at start-up "
             f"with --kv-layout (this server runs {base.layout!r}); a request cannot change it"
         )
+    if config.radix != base.radix:
+        raise ConfigError(
+            f"custom_params.{KEY_PREFIX}radix: the prefix cache is a property of the server, set at start-up with "
+            f"--kv-radix (this server runs {base.radix!r}); a request cannot change it"
+        )
     return config
 
 

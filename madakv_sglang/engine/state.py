@@ -28,7 +28,20 @@ class RowState:
     skipped: str | None = None  # why the prompt was kept whole, until the scheduler has reported it
     cut_at: Tensor | None = None  # chunk eviction: [n] int32, the chunk end that dropped each position
     cut_pending: Tensor | None = None  # slots the last cut dropped, until the scheduler frees them
-    returned: int = 0  # slots given back so far (cuts and the pack): what the accounting hook subtracts
+    returned: int = 0  # row positions that no longer hold a slot of the request's own: what the accounting hook
+    # subtracts (cuts and the pack; with the prefix cache, also the prompt slots the tree took over)
+    pending_pack: PendingPack | None = None  # a decision the scheduler places once the tree has the prompt
+
+
+@dataclass
+class PendingPack:
+    """A compressed prompt's decision, made by the backend while the prefix tree may share the row's prompt slots
+    (``engine.radix``): the scheduler picks the slots the kept cells go to and calls ``pack`` with them."""
+
+    pack: Callable[[Tensor], PackedRow] | None  # moves the kept cells into the given M slots and points the row at
+    # them; None when the decision keeps every position
+    slots: int  # M
+    prompt_len: int  # n
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,9 @@ class SchedulerState:
         self._rows: dict[int, RowState] = {}
         self._batch: list[RequestInfo] | None = None
         self.reclaimed_total = 0  # slots returned over the process lifetime
+        # Whether the scheduler runs a prefix tree (set by the scheduler hooks before every batch): then the
+        # backend leaves a decision for the scheduler to place instead of packing the row's prompt slots in place.
+        self.prefix_cache = False
 
     @contextmanager
     def running(self, infos: list[RequestInfo]) -> Iterator[None]:

@@ -127,6 +127,7 @@ def test_full_budget_override_answers_like_stock(
             "compress_ms": 0.0,
             "layout": "shared",
             "skipped": "small saving",
+            "prompt_cached": True,  # served whole: SGLang's radix tree caches it as stock
         }
     ]
 

@@ -178,6 +178,36 @@ def test_tp2_ranks_cut_the_same_positions_between_chunks_and_match_tp1(servers: 
     assert sorted(per_rank[0]) == ones
 
 
+def test_tp2_takes_a_shared_prefix_from_the_tree_like_tp1(servers: Any) -> None:
+    """``--kv-radix auto``: a prompt extending an earlier one prefills only its new tokens on every rank (SGLang's
+    rank-consensus checks run on every match and insert), its ranks decide as the one-rank policy does, and it
+    answers as TP=1 does with the same prefix taken from its tree."""
+    root, tp1, tp2 = servers
+    generator = torch.Generator().manual_seed(31)
+    first = torch.randint(1, tiny_models.IMAGE_TOKEN, (240,), generator=generator).tolist()
+    second = first[:200] + torch.randint(1, tiny_models.IMAGE_TOKEN, (60,), generator=generator).tolist()
+    answers = {}
+    for tp, server in ((1, tp1), (2, tp2)):
+        for rid, ids in (("prefix-first", first), ("prefix-second", second)):
+            sampling = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+            payload = {"input_ids": ids, "rid": rid, "return_logprob": True, "sampling_params": sampling}
+            answers[tp] = dict(server.post("/generate", payload))  # the second request's answer stays
+    for answer in answers.values():
+        assert answer["meta_info"]["cached_tokens"] == 200
+        assert answer["meta_info"]["madakv"][0]["prompt_cached"]
+    assert answers[2]["output_ids"] == answers[1]["output_ids"]
+    gaps = [
+        abs(a - b)
+        for (a, *_), (b, *_) in zip(
+            answers[1]["meta_info"]["output_token_logprobs"],
+            answers[2]["meta_info"]["output_token_logprobs"],
+            strict=True,
+        )
+    ]
+    assert max(gaps) <= LOGPROB_TOLERANCE, gaps
+    _check_ranks_against_one_rank_policy(root / "dump_tp2", tp2.log(), "prefix-second", 2)
+
+
 def test_tp2_waves_with_an_abort_keep_every_rank_balanced(servers: Any) -> None:
     """Two waves, the second with an abort; every rank's scheduler checks its pool after every batch (strict
     mode), and every rank reclaims the same number of slots."""

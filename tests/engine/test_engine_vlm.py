@@ -336,6 +336,38 @@ def test_text_only_request_runs_madakv_on_text(madakv: Server, processors: dict[
     assert prompt_slots == len(inputs["input_ids"][0]) and kept_slots < prompt_slots
 
 
+def test_a_second_turn_takes_the_first_turns_image_from_the_tree(
+    madakv: Server, processors: dict[str, Any], images: dict[str, Path], dump_dir: Path
+) -> None:
+    """``--kv-radix auto``: turn 2 re-sends turn 1's image, question and answer. It matches turn 1's dense prompt,
+    image included, through the pad values SGLang derives from the image's hash, and decides over its whole
+    prompt with the image positions marked. The same turn with another image of the same size matches only the
+    text before the image."""
+    from PIL import Image
+
+    processor = processors["qwen2_vl"]
+    first_images = [images["square"]]
+    first = Chat([None, "Describe this image. " + words(40, seed=41)], first_images)
+    answer = _generate(madakv, render(processor, first), first_images, rid="turn-1")
+    turn_one = answer["meta_info"]["prompt_tokens"]
+    follow_up = [
+        {"role": "assistant", "content": [{"type": "text", "text": answer["text"]}]},
+        {"role": "user", "content": [{"type": "text", "text": "And its colours? " + words(20, seed=42)}]},
+    ]
+    text = str(processor.apply_chat_template(first.messages() + follow_up, add_generation_prompt=True, tokenize=False))
+    second = _generate(madakv, text, first_images, rid="turn-2")
+    # The generation prompt's last newline may merge with the answer's first characters when turn 2 is tokenized.
+    assert turn_one - 1 <= second["meta_info"]["cached_tokens"] <= turn_one
+    assert second["meta_info"]["madakv"][0]["prompt_cached"]
+    ids = processor(text=[text], images=[Image.open(images["square"]).convert("RGB")], return_tensors="pt")
+    visual = visual_positions(ids["input_ids"][0])
+    assert torch.equal(torch.load(dump_dir / "turn-2.pt")["visual"], visual)
+    other = _generate(madakv, text, [images["square2"]], rid="turn-2-other-image")
+    first_visual = int(visual.nonzero()[0])
+    assert other["meta_info"]["cached_tokens"] <= first_visual
+    assert _finite_logprobs(second) and _finite_logprobs(other)
+
+
 @pytest.fixture(scope="module")
 def stock(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "stock.log"

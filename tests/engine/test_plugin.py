@@ -160,28 +160,62 @@ REFUSALS: dict[str, tuple[list[str], list[str]]] = {  # name -> (extra argv, phr
         MADAKV + ["--kv-prefill-evict", "chunk", "--chunked-prefill-size", "-1"],
         ["--kv-prefill-evict chunk cuts a prompt between its prefill chunks, but chunked prefill is off"],
     ),
+    "radix_on_with_chunk_eviction": (
+        MADAKV + ["--kv-radix", "on", "--kv-prefill-evict", "chunk", "--chunked-prefill-size", "64"],
+        ["--kv-radix on cannot run: --kv-prefill-evict chunk frees prompt slots", "use --kv-radix auto or off"],
+    ),
+    "radix_on_without_the_tree": (
+        MADAKV + ["--kv-radix", "on", "--disable-radix-cache"],
+        ["--kv-radix on cannot run: SGLang's settings turn the radix cache off"],
+    ),
+    "lmcache": (MADAKV + ["--enable-lmcache"], ["--enable-lmcache is not supported", "SGLang's radix tree"]),
+    "radix_cache_backend": (
+        MADAKV + ["--radix-cache-backend", "lmcache"],
+        ["--radix-cache-backend lmcache is not supported"],
+    ),
     "two_problems": (
         MADAKV + ["--enable-mixed-chunk", "--pp-size", "2"],
         ["cannot run:", "- --enable-mixed-chunk", "- pipeline parallelism"],
     ),
 }
+PREFIX_CACHE_ON = "madakv: prefix cache on: prompts share their dense prefix through SGLang's radix tree"
 FORCED = {  # name -> (extra argv, resolved fields, log lines expected, log fragments that must not appear)
     "forced": (
         MADAKV + ["--attention-backend", "torch_native"],
-        {"attention_backend": "madakv", "page_size": 1, "disable_radix_cache": True, "disable_overlap_schedule": True},
+        {"attention_backend": "madakv", "page_size": 1, "disable_radix_cache": False, "disable_overlap_schedule": True},
         [
             "madakv: forcing attention_backend=madakv (was torch_native): ",
-            "madakv: forcing disable_radix_cache=True (was False): ",
+            PREFIX_CACHE_ON,
             "madakv: forcing disable_overlap_schedule=True (was False): ",
         ],
-        ["forcing page_size", "forcing CUDA graphs"],
-    ),  # page size was unset; graphs were off for torch_native
+        ["forcing page_size", "forcing CUDA graphs", "forcing disable_radix_cache"],
+    ),  # page size was unset; graphs were off for torch_native; --kv-radix auto keeps the tree
+    "radix_off": (
+        MADAKV + ["--attention-backend", "torch_native", "--kv-radix", "off"],
+        {"disable_radix_cache": True},
+        [
+            "madakv: forcing attention_backend=madakv (was torch_native): ",
+            "madakv: forcing disable_radix_cache=True (was False): --kv-radix off",
+            "madakv: forcing disable_overlap_schedule=True (was False): ",
+        ],
+        ["prefix cache on"],
+    ),
+    "radix_auto_with_chunk_eviction": (
+        MADAKV + ["--attention-backend", "torch_native", "--kv-prefill-evict", "chunk", "--chunked-prefill-size", "64"],
+        {"disable_radix_cache": True},
+        [
+            "madakv: forcing attention_backend=madakv (was torch_native): ",
+            "madakv: forcing disable_radix_cache=True (was False): --kv-prefill-evict chunk frees prompt slots",
+            "madakv: forcing disable_overlap_schedule=True (was False): ",
+        ],
+        ["prefix cache on"],
+    ),
     "requested": (
         ["--kv-policy", "snapkv", "--attention-backend", "madakv"],
         {"attention_backend": "madakv", "page_size": 1},
         [
             "madakv: dense prefill through torch_native (the platform default)",
-            "madakv: forcing disable_radix_cache=True (was False): ",
+            PREFIX_CACHE_ON,
             "madakv: forcing disable_overlap_schedule=True (was False): ",
             "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): ",
         ],
@@ -192,7 +226,7 @@ FORCED = {  # name -> (extra argv, resolved fields, log lines expected, log frag
         {"attention_backend": "madakv", "tp_size": 2},
         [
             "madakv: forcing attention_backend=madakv (was torch_native)",
-            "madakv: forcing disable_radix_cache=True (was False): ",
+            PREFIX_CACHE_ON,
             "madakv: forcing disable_overlap_schedule=True (was False): ",
             "madakv: forcing CUDA graphs off (was decode=full, prefill=disabled): ",
         ],
@@ -210,8 +244,8 @@ FORCED = {  # name -> (extra argv, resolved fields, log lines expected, log frag
         ],
         {"attention_backend": "madakv", "page_size": 1},
         ["madakv: forcing attention_backend=madakv"],
-        ["forcing disable_radix_cache", "forcing disable_overlap_schedule", "forcing page_size"],
-    ),
+        ["forcing disable_radix_cache", "forcing disable_overlap_schedule", "forcing page_size", "prefix cache on"],
+    ),  # --disable-radix-cache: --kv-radix auto gives way to it
 }
 
 
@@ -480,6 +514,8 @@ def test_request_config_applies_overrides(custom: dict[str, Any] | None, expecte
         ({"kv_budgett": 0.1}, "custom_params.kv_budgett: unknown setting; known: kv_policy, kv_budget"),
         ({"kv_layout": "per-layer"}, "custom_params.kv_layout: the KV layout is a property of the server's KV pool"),
         ({"kv_layout": "paged"}, "custom_params.kv_layout: must be one of shared, per-layer, got 'paged'"),
+        ({"kv_radix": "off"}, "custom_params.kv_radix: the prefix cache is a property of the server"),
+        ({"kv_radix": "maybe"}, "custom_params.kv_radix: must be one of auto, on, off, got 'maybe'"),
         (
             {"kv_prefill_evict": "chunk", "kv_policy": "random"},
             "custom_params.kv_prefill_evict: chunk cuts the prompt by the observation window's attention",
@@ -802,6 +838,21 @@ def test_peak_slots_count_what_a_compressing_request_holds_at_its_peak() -> None
     assert peak_slots(1000, 400, chunked.replace(layout="per-layer"), stride=256) == 525
     # The skip rule keeps a short prompt whole: SGLang's own count.
     assert peak_slots(100, 64, chunked, stride=256) == 164
+    # 900 of the 1,000 tokens matched in the prefix tree: 100 new slots during prefill, still B = 100 kept + 64.
+    assert peak_slots(1000, 64, config, stride=256, prefix_len=900) == 164
+    assert peak_slots(1000, 64, config, stride=256, prefix_len=500) == 500
+    assert peak_slots(100, 64, config.replace(min_prompt=256), stride=256, prefix_len=60) == 164  # kept whole
+
+
+def test_a_prefix_match_leaves_the_window_to_the_request() -> None:
+    from madakv_sglang.engine.radix import prefix_limit
+
+    config = PolicyConfig(policy="madakv", budget="0.1", window=8, min_prompt=0)
+    assert prefix_limit(300, config, replay_len=None) == 292  # the last W = 8 queries score the prompt
+    assert prefix_limit(5, config, replay_len=None) == 0
+    assert prefix_limit(310, config, replay_len=300) == 300  # a replay re-prefills its generated positions
+    assert prefix_limit(300, config.replace(prefill_evict="chunk"), replay_len=None) == 0  # bypasses the tree
+    assert prefix_limit(100, config.replace(min_prompt=256), replay_len=None) is None  # served dense: any prefix
 
 
 def test_a_failed_hook_installation_stops_the_scheduler_instead_of_serving_half_hooked(
