@@ -37,8 +37,8 @@ _FIELDS = {
     "layout": r"[\w-]+",
     "reason": r"[^:]+",
     "detail": r".*",
-    "reclaimed": r"\d+",
-    "since_start": r"\d+",
+    "reclaimed": r"-?\d+",  # a batch's room can shrink: see BatchLine
+    "since_start": r"-?\d+",
     "available": r"\d+",
     "capacity": r"\d+",
     "state_rows": r"\d+",
@@ -95,7 +95,8 @@ def format_cut(rid: str, seen: int, held: int, dropped: int) -> str:
 def format_batch(
     reclaimed: int, since_start: int, available: int, capacity: int, state_rows: int, state_bytes: int
 ) -> str:
-    """The line of a batch that returned slots: the pool after the return, and what the backend holds."""
+    """The line of a batch that returned slots: the pool after the return (``available``: free slots plus the
+    radix tree's evictable ones, SGLang's own measure of room), and what the backend holds."""
     return _BATCH.format(
         reclaimed=reclaimed,
         since_start=since_start,
@@ -141,8 +142,13 @@ class RequestLine:
 @dataclass(frozen=True)
 class BatchLine:
     """One batch's line. Attributes: the slots returned in the batch and since the scheduler started, the pool's
-    available slots after the return of its ``capacity``, the backend's live rows and tensor bytes, and the TP rank
-    (None without a TP prefix)."""
+    available slots (free plus the radix tree's evictable ones) after the return of its ``capacity``, the
+    backend's live rows and tensor bytes, and the TP rank (None without a TP prefix).
+
+    With the prefix cache a batch's return is the pool's gain: a compressed prompt whose matched prefix other
+    running requests still lock gives back only its own slots, and its fresh copy may need more than that, so a
+    batch can return a negative count; the prefix's slots come back when the last request holding it is placed.
+    """
 
     reclaimed: int
     since_start: int

@@ -147,14 +147,17 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
             state.skipped = None
         if state.pending_pack is not None:
             prompt_len = state.pending_pack.prompt_len
+            room = _room(scheduler)
             placement = radix.place(scheduler, req, state, state.pending_pack)
+            # The pool's gain, not the row's shrink (n - M): a matched prefix other requests share stays locked,
+            # and its slots count once, when the last of them unlocks.
+            freed_now += _room(scheduler) - room
             if placement == "whole":
                 continue
             if placement == "dense":
                 _report_dense(req, prompt_len, request_policy(req), _cached_whole(req))
                 continue
             assert state.packed is not None
-            freed_now += state.returned
             state.packed.evicted = state.returned
             _report(req, state.packed, request_policy(req).policy, cached=placement == "cached")
             continue
@@ -177,9 +180,13 @@ def _free_evicted(scheduler: Any, batch: Any) -> None:
         scheduler.running_batch.batch_is_full = False
         shared.reclaimed_total += freed_now
         rows, held = shared.footprint()
-        logger.info(
-            format_batch(freed_now, shared.reclaimed_total, allocator.available_size(), allocator.size, rows, held)
-        )
+        logger.info(format_batch(freed_now, shared.reclaimed_total, _room(scheduler), allocator.size, rows, held))
+
+
+def _room(scheduler: Any) -> int:
+    """What SGLang can hand out: the free slots and the tree's evictable prefixes (where a cached prompt's slots
+    go instead of back to the allocator)."""
+    return int(scheduler.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size())
 
 
 def _give_back(allocator: Any, state: scheduler_state.RowState, slots: torch.Tensor) -> int:

@@ -342,12 +342,12 @@ def test_a_second_turn_takes_the_first_turns_image_from_the_tree(
     """``--kv-radix auto``: turn 2 re-sends turn 1's image, question and answer. It matches turn 1's dense prompt,
     image included, through the pad values SGLang derives from the image's hash, and decides over its whole
     prompt with the image positions marked. The same turn with another image of the same size matches only the
-    text before the image."""
+    text before the image (text no other test of the module sends, so nothing else in the tree shares it)."""
     from PIL import Image
 
     processor = processors["qwen2_vl"]
     first_images = [images["square"]]
-    first = Chat([None, "Describe this image. " + words(40, seed=41)], first_images)
+    first = Chat(["Turn one. " + words(6, seed=40), None, "Describe this image. " + words(40, seed=41)], first_images)
     answer = _generate(madakv, render(processor, first), first_images, rid="turn-1")
     turn_one = answer["meta_info"]["prompt_tokens"]
     follow_up = [

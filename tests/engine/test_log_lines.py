@@ -100,6 +100,12 @@ def test_batch_line_round_trips(prefix: str, rank: int | None) -> None:
     assert request_lines(line) == []
 
 
+def test_a_batch_that_cost_room_parses_with_its_sign() -> None:
+    """A compressed copy larger than the prompt's own slots, its matched prefix still locked by another request."""
+    line = format_batch(reclaimed=-68, since_start=900, available=400, capacity=1000, state_rows=3, state_bytes=64)
+    assert batch_lines(line) == [BatchLine(-68, 900, 400, 1000, 3, 64, None)]
+
+
 def test_only_our_lines_are_read_in_log_order() -> None:
     log = "\n".join(
         [
@@ -190,7 +196,10 @@ def test_the_lines_reclaim_logs_parse_back(monkeypatch: pytest.MonkeyPatch, capl
         compress_seconds=0.01,
     )
     shared.open(row=2, generation=0).skipped = "short prompt"
-    scheduler = SimpleNamespace(token_to_kv_pool_allocator=_Allocator(300), running_batch=SimpleNamespace())
+    tree = SimpleNamespace(evictable_size=lambda: 50)  # prefixes the radix tree would give up
+    scheduler = SimpleNamespace(
+        token_to_kv_pool_allocator=_Allocator(300), running_batch=SimpleNamespace(), tree_cache=tree
+    )
     batch = SimpleNamespace(reqs=[_req("long-one", row=1, prompt_len=400), _req("short-one", row=2, prompt_len=40)])
     caplog.set_level(logging.INFO, logger=reclaim.logger.name)
 
@@ -202,4 +211,4 @@ def test_the_lines_reclaim_logs_parse_back(monkeypatch: pytest.MonkeyPatch, capl
         RequestLine("short-one", 40, 40, 0.0, 0, None, "short prompt", "40 < --kv-min-prompt 256", 1),
     ]
     rows, held = shared.footprint()
-    assert batch_lines(log) == [BatchLine(360, 360, 660, 1000, rows, held, 1)]
+    assert batch_lines(log) == [BatchLine(360, 360, 710, 1000, rows, held, 1)]  # 300 + 360 freed + 50 evictable
