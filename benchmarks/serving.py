@@ -97,15 +97,17 @@ GPU_POOL = 65536
 @dataclass(frozen=True)
 class PolicySpec:
     """``full``, ``madakv:0.1``, ``snapkv:512``, ``pyramidkv:0.1:per-layer``, ``madakv:0.1:chunk``,
-    ``madakv:0.1:chunk-keep4``: a ``--kv-policy``, its ``--kv-budget`` (None for full) and, optionally, its
-    ``--kv-layout`` (None: the server's default, ``shared``) and ``chunk`` for ``--kv-prefill-evict chunk``, with
-    ``-keepK`` for ``--kv-prefill-keep K`` (None: the server's default)."""
+    ``madakv:0.1:chunk-keep4``, ``madakv:0.1:radix-off``: a ``--kv-policy``, its ``--kv-budget`` (None for full)
+    and, optionally, its ``--kv-layout`` (None: the server's default, ``shared``), ``chunk`` for
+    ``--kv-prefill-evict chunk`` with ``-keepK`` for ``--kv-prefill-keep K`` (None: the server's default), and
+    ``radix-off`` for ``--kv-radix off`` (None: the server's default, ``auto``)."""
 
     policy: str
     budget: str | None = None
     layout: str | None = None
     prefill_evict: str | None = None
     prefill_keep: str | None = None
+    radix: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
@@ -122,10 +124,12 @@ class PolicySpec:
         extras = [part for part in tail.split(":") if part]
         layouts = [part for part in extras if part in LAYOUTS]
         chunks = [match for part in extras if (match := _CHUNK.fullmatch(part))]
-        unknown = [part for part in extras if part not in layouts and not _CHUNK.fullmatch(part)]
-        if unknown or len(layouts) > 1 or len(chunks) > 1:
+        radix = [part for part in extras if part == _RADIX_OFF]
+        unknown = [part for part in extras if part not in layouts + radix and not _CHUNK.fullmatch(part)]
+        if unknown or len(layouts) > 1 or len(chunks) > 1 or len(radix) > 1:
             raise ConfigError(
-                f"{text!r}: after the budget give a layout ({', '.join(LAYOUTS)}) and/or chunk or chunk-keepK"
+                f"{text!r}: after the budget give a layout ({', '.join(LAYOUTS)}), chunk or chunk-keepK, and/or "
+                f"{_RADIX_OFF}"
             )
         layout = layouts[0] if layouts else None
         keep = chunks[0].group(1) if chunks else None
@@ -133,14 +137,15 @@ class PolicySpec:
         values = {"policy": name, "budget": budget or None, "layout": layout, "prefill_evict": prefill}
         config = parse_settings(values | ({"prefill_keep": keep} if keep else {}))
         check_servable(config)
-        return cls(name, str(config.budget), layout, prefill, f"{config.prefill_keep:g}" if keep else None)
+        keep_text = f"{config.prefill_keep:g}" if keep else None
+        return cls(name, str(config.budget), layout, prefill, keep_text, "off" if radix else None)
 
     @property
     def label(self) -> str:
         if self.budget is None:
             return self.policy
         chunk = self.prefill_evict and self.prefill_evict + (f"-keep{self.prefill_keep}" if self.prefill_keep else "")
-        parts = [self.policy, self.budget, self.layout, chunk]
+        parts = [self.policy, self.budget, self.layout, chunk, _RADIX_OFF if self.radix == "off" else None]
         return ":".join(part for part in parts if part)
 
     def server_args(self, window: int | None = None) -> list[str]:
@@ -150,10 +155,12 @@ class PolicySpec:
         args += ["--kv-layout", self.layout] if self.layout else []
         args += ["--kv-prefill-evict", self.prefill_evict] if self.prefill_evict else []
         args += ["--kv-prefill-keep", self.prefill_keep] if self.prefill_keep else []
+        args += ["--kv-radix", self.radix] if self.radix else []
         return args + (["--kv-window", str(window)] if window is not None else [])
 
 
 _CHUNK = re.compile(r"chunk(?:-keep([0-9.]+))?")
+_RADIX_OFF = "radix-off"
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,8 @@ class Workload:
     image_count: int
     image_resolution: str
     seed: int
+    backend: str = "sglang"  # SGLang's client --backend
+    client_entry: str = "benchmarks.serving"  # the module whose run_sglang_client runs the client
 
     def client_args(self, input_len: int) -> list[str]:
         args = [
@@ -298,10 +307,10 @@ def run_sglang_client(wait: bool = False) -> None:
 
 
 def client_command(model: str, port: int, workload: Workload, input_len: int, output_file: Path) -> list[str]:
-    """SGLang's client against ``--backend sglang`` (``/generate``, image data URLs, streamed)."""
+    """SGLang's client against ``workload.backend`` (``sglang``: ``/generate``, image data URLs, streamed)."""
     return [
         "--backend",
-        "sglang",
+        workload.backend,
         "--host",
         "127.0.0.1",
         "--port",
@@ -508,7 +517,7 @@ def run_cpu(
                     [
                         sys.executable,
                         "-c",
-                        "from benchmarks.serving import run_sglang_client as r; r(wait=True)",
+                        f"from {workload.client_entry} import run_sglang_client as r; r(wait=True)",
                         *args,
                     ],
                     cwd=ROOT,

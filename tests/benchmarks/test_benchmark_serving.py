@@ -44,6 +44,7 @@ LOG = f"""\
         ("madakv:0.1:chunk", "madakv", "0.1", "madakv:0.1:chunk"),
         ("madakv:0.1:chunk:per-layer", "madakv", "0.1", "madakv:0.1:per-layer:chunk"),
         ("madakv:0.1:chunk-keep4", "madakv", "0.1", "madakv:0.1:chunk-keep4"),
+        ("madakv:0.1:radix-off", "madakv", "0.1", "madakv:0.1:radix-off"),
     ],
 )
 def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: str | None, label: str) -> None:
@@ -53,6 +54,7 @@ def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: st
     assert ("--kv-layout" in spec.server_args()) == (":per-layer" in label)
     assert ("--kv-prefill-evict" in spec.server_args()) == (":chunk" in label)
     assert ("--kv-prefill-keep" in spec.server_args()) == ("-keep" in label)
+    assert ("--kv-radix" in spec.server_args()) == (":radix-off" in label)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,8 @@ def test_policy_spec_parses_policy_and_budget(text: str, policy: str, budget: st
         "madakv:0.1:chunk-keep0.5",
         "madakv:0.1:chunk-keep",
         "streamingllm:0.1:chunk",
+        "madakv:0.1:radix-off:radix-off",
+        "full:radix-off",
     ],
 )
 def test_policy_spec_refuses_bad_values(text: str) -> None:
