@@ -9,12 +9,16 @@ the default floor would serve uncompressed. ``short_prompt_floor=True`` keeps th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from madakv_sglang import server_process
 from madakv_sglang.server_process import CPU_ARGS, CPU_ENV, STRICT_ENV, free_port
 
 NO_FLOOR_ENV = {"MADAKV_KV_MIN_PROMPT": "0"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Server(server_process.Server):
@@ -33,4 +37,19 @@ class Server(server_process.Server):
         super().__init__(model, args, log_path, env=env, startup_timeout=startup_timeout, strict=strict, port=port)
 
 
-__all__ = ["CPU_ARGS", "CPU_ENV", "NO_FLOOR_ENV", "STRICT_ENV", "Server", "free_port"]
+def run_benchmark(module: str, args: list[str], timeout: float = 900.0) -> str:
+    """``python -m module args`` from the repository root, offline, its servers with the tests' floor-off default;
+    its stdout, once it exited 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_FLOOR_ENV},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+__all__ = ["CPU_ARGS", "CPU_ENV", "NO_FLOOR_ENV", "STRICT_ENV", "Server", "free_port", "run_benchmark"]

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import prefix_cache
-from tests.sglang_server import NO_FLOOR_ENV
+from tests.sglang_server import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,23 +111,16 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     model = checkpoints.write_checkpoint("qwen2_vl", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl", seed=0)
     out = tmp_path_factory.mktemp("prefix-cache")
-    command = [
-        *(sys.executable, "-m", "benchmarks.prefix_cache", "--model", str(model)),
-        *("--policies", "full", "madakv:0.2", "madakv:0.2:radix-off"),
-        *("--conversations", "2", "--turns", "2", "--images", "1", "--first-words", "60"),
-        *("--question-words", "8", "--output-len", "4", "--max-total-tokens", str(POOL)),
-        *("--out", str(out / "report.json"), "--log-dir", str(out / "logs")),
-    ]
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_FLOOR_ENV},
+    stdout = run_benchmark(
+        "benchmarks.prefix_cache",
+        [
+            *("--model", str(model), "--policies", "full", "madakv:0.2", "madakv:0.2:radix-off"),
+            *("--conversations", "2", "--turns", "2", "--images", "1", "--first-words", "60"),
+            *("--question-words", "8", "--output-len", "4", "--max-total-tokens", str(POOL)),
+            *("--out", str(out / "report.json"), "--log-dir", str(out / "logs")),
+        ],
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"data": json.loads((out / "report.json").read_text()), "stdout": done.stdout}
+    return {"data": json.loads((out / "report.json").read_text()), "stdout": stdout}
 
 
 def test_the_warm_turns_hit_the_tree_unless_radix_is_off(report: dict[str, Any]) -> None:

@@ -4,9 +4,6 @@ on CPU (tiny Qwen2-VL, ``full`` and ``madakv:0.2`` servers on the same small poo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ from benchmarks import serving
 from benchmarks.serving import CLIENT_METRICS, SERVER_METRICS, LogStats, PolicySpec, parse_server_log
 from madakv_sglang.config import ConfigError
 from madakv_sglang.log_lines import format_batch
-from tests.sglang_server import NO_FLOOR_ENV
+from tests.sglang_server import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,10 +225,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], st
     # The dir name holds "qwen2-vl" like the demo's: SGLang's frontends pick the chat template by path.
     model = checkpoints.write_checkpoint("qwen2_vl", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl", seed=0)
     out = tmp_path_factory.mktemp("serving")
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.serving",
+    args = [
         "--model",
         str(model),
         "--policies",
@@ -255,16 +249,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], st
         str(out / "logs"),
     ]
     # ~150-token prompts: the benchmark's servers inherit the test servers' floor-off default (NO_FLOOR_ENV).
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_FLOOR_ENV},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((out / "serving.json").read_text()), done.stdout, out
+    stdout = run_benchmark("benchmarks.serving", args)
+    return json.loads((out / "serving.json").read_text()), stdout, out
 
 
 def test_report_has_every_metric_for_every_configuration(report: tuple[dict[str, Any], str, Path]) -> None:
