@@ -136,8 +136,9 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _build_processor(kind: str, tokenizer: PreTrainedTokenizerFast) -> Any:
-    """The Qwen2-VL / Qwen2.5-VL processor (both use Qwen2-VL's image and video processors)."""
+def qwen_vl_processor(kind: str, tokenizer: PreTrainedTokenizerFast, chat_template: str = CHAT_TEMPLATE) -> Any:
+    """The Qwen2-VL / Qwen2.5-VL processor (both use Qwen2-VL's image and video processors) over ``tokenizer``,
+    with this module's image limits."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS})
@@ -149,7 +150,7 @@ def _build_processor(kind: str, tokenizer: PreTrainedTokenizerFast) -> Any:
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -174,7 +175,7 @@ def is_current(out_dir: Path, kind: str, seed: int = 0) -> bool:
         return False
 
 
-def _patch_config(out_dir: Path) -> None:
+def patch_config(out_dir: Path) -> None:
     """Raise the context length, spell the dtype both ways, and add the vision key SGLang reads.
 
     SGLang's Qwen2-VL reads ``vision_config.in_chans``, the pre-5.x name of ``in_channels`` that transformers
@@ -223,7 +224,7 @@ def write_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
 
 def save_model(model: Any, out_dir: Path, kind: str) -> None:
     """What SGLang needs to serve ``model`` (a ``kind`` architecture with this module's vocabulary): weights, the
-    config with the patches of :func:`_patch_config`, a chat generation config, the tokenizer and, for the VL
+    config with the patches of :func:`patch_config`, a chat generation config, the tokenizer and, for the VL
     kinds, the processor. Used for the random builders here and for trained models (the needle benchmark's)."""
     from transformers import GenerationConfig
 
@@ -232,18 +233,18 @@ def save_model(model: Any, out_dir: Path, kind: str) -> None:
     # stop early), and random weights rarely pick it anyway.
     model.generation_config = GenerationConfig(eos_token_id=IM_END, pad_token_id=ENDOFTEXT)
     model.save_pretrained(out_dir)
-    _patch_config(out_dir)
+    patch_config(out_dir)
     tokenizer = _build_tokenizer()
     tokenizer.save_pretrained(out_dir)
     if kind in VL_KINDS:
-        _build_processor(kind, tokenizer).save_pretrained(out_dir)
+        qwen_vl_processor(kind, tokenizer).save_pretrained(out_dir)
 
 
 def build_processor(kind: str) -> Any:
     """The processor a ``kind`` checkpoint of this module ships (tokenizer, image limits, chat template)."""
     if kind not in VL_KINDS:
         raise ValueError(f"{kind!r} has no processor; expected one of {VL_KINDS}")
-    return _build_processor(kind, _build_tokenizer())
+    return qwen_vl_processor(kind, _build_tokenizer())
 
 
 def write_test_image(path: Path, size: tuple[int, int] = (224, 224), seed: int = 0) -> Path:
