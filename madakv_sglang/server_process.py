@@ -4,8 +4,10 @@ Each server is a ``python -m sglang.launch_server`` child (so plugins load exact
 process group; its log goes to a file that callers read (``#running-req`` counts, madakv's reclaim lines).
 Always used as a context manager, so an exception or Ctrl-C never leaves a server behind.
 
-Ports: any free port the OS hands out, or one in ``MADAKV_PORT_RANGE`` (e.g. ``33000-33099``) when set, for
-machines shared by several people.
+Ports: a free port below the kernel's ephemeral range, or one in ``MADAKV_PORT_RANGE`` (e.g. ``33000-33099``)
+when set, for machines shared by several people. Not an ephemeral port: while the server starts, our own health
+probes (and any other client on the machine) take ephemeral source ports, and one that takes the server's port
+first leaves the server unable to bind (seen: SGLang then logs "address already in use" and hangs).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 PORT_RANGE_ENV = "MADAKV_PORT_RANGE"
+FIRST_PORT = 20000  # the lowest port picked without a range: above the well-known and most registered services
 CPU_ENV = {
     "SGLANG_USE_CPU_ENGINE": "1",
     "HF_HUB_OFFLINE": "1",  # the tiny checkpoints are complete on disk; never reach for the hub
@@ -62,27 +65,35 @@ def _port_is_free(port: int) -> bool:
 
 
 def free_port(environ: Mapping[str, str] | None = None) -> int:
-    """A port nothing listens on now: from ``MADAKV_PORT_RANGE`` (``LOW-HIGH``, inclusive) when set, else one the
-    OS hands out."""
+    """A port nothing listens on now: from ``MADAKV_PORT_RANGE`` (``LOW-HIGH``, inclusive) when set, else from
+    :data:`FIRST_PORT` up to the kernel's ephemeral range (module docstring)."""
     environ = os.environ if environ is None else environ
     span = environ.get(PORT_RANGE_ENV, "").strip()
-    if span:
-        low, sep, high = span.partition("-")
-        try:
-            first, last = int(low), int(high if sep else low)
-        except ValueError:
-            raise ValueError(f"{PORT_RANGE_ENV}={span!r}: expected LOW-HIGH, e.g. 33000-33099") from None
-        # A random start spreads concurrent users over the range: the server binds its port only some seconds
-        # after this check, and two runs that both took the lowest free port would race for it.
-        ports = list(range(first, last + 1))
-        offset = random.randrange(len(ports)) if ports else 0
-        for port in ports[offset:] + ports[:offset]:
-            if _port_is_free(port):
-                return port
-        raise RuntimeError(f"no free port in {PORT_RANGE_ENV}={span}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    if not span:
+        return _free_port_in(range(FIRST_PORT, _ephemeral_low()), "below the ephemeral range")
+    low, sep, high = span.partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError(f"{PORT_RANGE_ENV}={span!r}: expected LOW-HIGH, e.g. 33000-33099") from None
+    return _free_port_in(range(first, last + 1), f"in {PORT_RANGE_ENV}={span}")
+
+
+def _ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _free_port_in(ports: range, where: str) -> int:
+    # A random start spreads concurrent users over the range: the server binds its port only some seconds after
+    # this check, and two runs that both took the lowest free port would race for it.
+    offset = random.randrange(len(ports)) if ports else 0
+    for port in [*ports[offset:], *ports[:offset]]:
+        if _port_is_free(port):
+            return port
+    raise RuntimeError(f"no free port {where}")
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
