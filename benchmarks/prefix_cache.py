@@ -15,6 +15,9 @@ Workloads (the same trace, from ``--seed``, for every configuration):
   questions each, sent at once in question-major order (every document's first question, then every second...).
   Cold: each document's first question; warm: the others.
 
+All requests are sent at once (a chat's next turn as soon as its previous one is answered), so TTFT includes the
+wait in the queue; ``--max-concurrency 1`` sends one request at a time, so TTFT is the prefill alone.
+
 Per configuration: SGLang's request throughput and TTFT (mean over the cold and over the warm requests, from the
 per-request TTFTs of ``--output-details``), its cache hit rate (``--cache-report``: cached prompt tokens over all
 prompt tokens, as the server reports them with ``--enable-cache-report``), and from the server log the most
@@ -55,9 +58,11 @@ class TraceWorkload(Workload):
     trace_path: str = ""
     rows: int = 0
     cold: tuple[bool, ...] = ()
+    max_concurrency: int | None = None
 
     def client_args(self, input_len: int) -> list[str]:
-        return [
+        limit = [] if self.max_concurrency is None else ["--max-concurrency", str(self.max_concurrency)]
+        return limit + [
             "--dataset-name",
             "openai",
             "--dataset-path",
@@ -246,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-words", type=int, default=20)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-total-tokens", type=int, default=2500)
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="SGLang's client sends at most this many requests at once (1: TTFT without queueing)",
+    )
     parser.add_argument("--kv-window", type=int, default=None)
     parser.add_argument("--server-arg", action="append", default=[], help="an extra server flag (repeatable)")
     parser.add_argument("--repeats", type=int, default=1)
@@ -275,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_path=str(trace),
         rows=len(rows),
         cold=tuple(cold),
+        max_concurrency=args.max_concurrency,
     )
     if args.model is None:
         from madakv_sglang import checkpoints

@@ -142,3 +142,16 @@ def test_the_table_has_every_configuration(report: dict[str, Any]) -> None:
     rows = [line for line in report["stdout"].splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| config | req/s | cold TTFT ms | warm TTFT ms | cache hit % | warm hit %")
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| full", "| madakv:0.2", "| madakv:0.2:radix-off"]
+
+
+def test_the_client_sends_all_at_once_unless_told_a_concurrency() -> None:
+    def workload(limit: int | None) -> prefix_cache.TraceWorkload:
+        return prefix_cache.TraceWorkload(
+            dataset="openai", num_prompts=4, output_len=4, image_count=1, image_resolution="224x224", seed=0,
+            trace_path="t.jsonl", rows=2, cold=(True, False, True, False), max_concurrency=limit,
+        )  # fmt: skip
+
+    assert "--max-concurrency" not in workload(None).client_args(0)
+    args = workload(1).client_args(0)
+    assert args[args.index("--max-concurrency") + 1] == "1" and args[args.index("--request-rate") + 1] == "inf"
+    assert args[args.index("--num-prompts") + 1] == "2"  # the client counts conversations, not requests
