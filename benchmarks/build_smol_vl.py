@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = ROOT / ".models" / "smollm2-135m-instruct"
 DEFAULT_OUT = ROOT / ".models" / "smol-vl"
 STAMP = ".smol-vl.json"
+LANGUAGE_MODEL = "model.language_model."  # the key prefix of Qwen2-VL's decoder
 
 SMOLLM2_VOCAB = 49152
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -90,16 +91,13 @@ def text_config(smollm2_dir: Path) -> dict[str, Any]:
 
 def build_tokenizer(smollm2_dir: Path = SMOLLM2_DIR) -> PreTrainedTokenizerFast:
     """SmolLM2's tokenizer with the vision control tokens appended and Qwen2-VL's chat template."""
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     if tok.get_vocab_size() != SMOLLM2_VOCAB:
         raise ValueError(f"{smollm2_dir}: a vocabulary of {tok.get_vocab_size()}, expected {SMOLLM2_VOCAB}")
-    for token_id, text in enumerate(VISION_TOKENS, start=SMOLLM2_VOCAB):
-        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
-        if tok.token_to_id(text) != token_id:
-            raise RuntimeError(f"{text} got id {tok.token_to_id(text)}, expected {token_id}")
+    checkpoints.append_special_tokens(tok, {text: SMOLLM2_VOCAB + i for i, text in enumerate(VISION_TOKENS)})
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",
@@ -140,23 +138,21 @@ def build_model(
     embedding = text["embed_tokens.weight"]
     text["embed_tokens.weight"] = torch.cat([embedding, embedding.mean(0, keepdim=True).expand(len(VISION_TOKENS), -1)])
     state["lm_head.weight"] = torch.cat([embedding, embedding.new_zeros(len(VISION_TOKENS), embedding.shape[1])])
-    for key, value in text.items():
-        target = f"model.language_model.{key}"
-        if target not in state or state[target].shape != value.shape:
-            raise ValueError(f"SmolLM2's {key} {tuple(value.shape)} has no place in the Qwen2-VL language model")
-        state[target] = value.float()
-    missing_text = [
-        key
-        for key in state
-        if key.startswith("model.language_model.")
-        and key.removeprefix("model.language_model.") not in text
-        and not key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))
-    ]
-    if missing_text:
-        raise ValueError(f"SmolLM2 lacks {missing_text[:3]}")
+    biases = ("q_proj.bias", "k_proj.bias", "v_proj.bias")  # Qwen2's, which Llama has not: zero
+    placed: set[str] = set()
     for key in state:
-        if key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        name = key.removeprefix(LANGUAGE_MODEL)
+        if name == key:
+            continue  # the vision side, or the head set above
+        if name.endswith(biases):
             state[key] = torch.zeros_like(state[key])
+        elif name not in text or text[name].shape != state[key].shape:
+            raise ValueError(f"SmolLM2 has no {name} of shape {tuple(state[key].shape)}")
+        else:
+            state[key] = text[name].float()
+            placed.add(name)
+    if placed != set(text):
+        raise ValueError(f"SmolLM2's {sorted(set(text) - placed)[:3]} have no place in the Qwen2-VL language model")
     if vision is not None:
         unknown = sorted(set(vision) - {key for key in state if key.startswith("model.visual.")})
         if unknown:
@@ -164,11 +160,6 @@ def build_model(
         state.update({key: value.float() for key, value in vision.items()})
     model.load_state_dict(state)
     return model
-
-
-def vision_state(model: Qwen2VLForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The part of the model that is trained and committed: the vision tower and its merger."""
-    return {key: value.contiguous() for key, value in model.state_dict().items() if key.startswith("model.visual.")}
 
 
 def _stamp(smollm2_dir: Path, vision_path: Path | None, seed: int) -> dict[str, Any]:
@@ -199,7 +190,10 @@ def assemble(
     (out_dir / STAMP).unlink(missing_ok=True)
     vision = None if vision_path is None else load_file(str(vision_path))
     model = build_model(smollm2_dir, vision, seed)
-    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    smol = _smollm2_config(smollm2_dir)
+    model.generation_config = GenerationConfig(
+        **{key: smol[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    )
     model.save_pretrained(out_dir)
     checkpoints.patch_config(out_dir)
     tokenizer = build_tokenizer(smollm2_dir)

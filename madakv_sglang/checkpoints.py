@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from madakv_sglang import tiny_models
 from madakv_sglang.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
 KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen2")
@@ -101,7 +103,7 @@ Numbers and dates: 1, 2, 3, 10, 42, 100, 2024. Punctuation: commas, periods; col
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE (every byte is a symbol, so any text round-trips) with Qwen's special tokens appended."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -118,11 +120,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     if tok.get_vocab_size() != _BPE_VOCAB:  # the corpus ran out of merges; special ids would shift
         raise RuntimeError(f"BPE trained {tok.get_vocab_size()} tokens, need {_BPE_VOCAB}: enlarge _CORPUS")
-    # Added in id order, each lands at the next free id: 497, 498, ...
-    for text, token_id in sorted(SPECIAL_TOKENS.items(), key=lambda item: item[1]):
-        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
-        if tok.token_to_id(text) != token_id:
-            raise RuntimeError(f"{text} got id {tok.token_to_id(text)}, expected {token_id}")
+    append_special_tokens(tok, SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -134,6 +132,17 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=MAX_POSITIONS,
         clean_up_tokenization_spaces=False,
     )
+
+
+def append_special_tokens(tok: Tokenizer, tokens: Mapping[str, int]) -> None:
+    """Add ``tokens`` (text -> id) to ``tok`` as special tokens in id order, each at the next free id; the ids
+    must follow the vocabulary without a gap, and any that lands elsewhere is an error."""
+    from tokenizers import AddedToken
+
+    for text, token_id in sorted(tokens.items(), key=lambda item: item[1]):
+        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        if tok.token_to_id(text) != token_id:
+            raise RuntimeError(f"{text} got id {tok.token_to_id(text)}, expected {token_id}")
 
 
 def qwen_vl_processor(kind: str, tokenizer: PreTrainedTokenizerFast, chat_template: str = CHAT_TEMPLATE) -> Any:

@@ -86,26 +86,22 @@ def place(scheduler: Any, req: Any, state: RowState, pending: PendingPack) -> Pl
         _serve_dense(tree, req, n, insert)
         return "whole"
     fresh = _allocate(tree, allocator, slots)
-    if fresh is not None:
-        if insert:
-            tree.checkpoint(req, up_to=n)  # may swap the row's slots for identical copies the tree already held
-        own = rows_map[row, req.kv.cache_protected_len : n].clone()  # what the tree did not take
-        state.packed = pending.pack(fresh.to(rows_map.dtype))
-        placement: Placement = "cached" if insert else "uncached"
-    else:
-        own = rows_map[row, req.kv.cache_protected_len : n].clone()
+    cached = fresh is not None and insert
+    if cached:
+        tree.checkpoint(req, up_to=n)  # may swap the row's slots for identical copies the tree already held
+    own = rows_map[row, req.kv.cache_protected_len : n].clone()  # the prompt slots the tree does not hold
+    if fresh is None:
         if own.numel() < slots:
             _serve_dense(tree, req, n, insert)
             return "dense"
-        state.packed = pending.pack(own[:slots])
-        own = own[slots:]
-        placement = "uncached"
+        fresh, own = own[:slots], own[slots:]
+    state.packed = pending.pack(fresh.to(rows_map.dtype))
     allocator.free(own)  # the request's own prompt slots that the packed cells do not use
     tree.unlock(req.lock)
     req.lock = None
     req.kv.cache_protected_len = 0
     state.returned = n - slots
-    return placement
+    return "cached" if cached else "uncached"
 
 
 def _serve_dense(tree: Any, req: Any, prompt_len: int, insert: bool) -> None:
@@ -116,10 +112,9 @@ def _serve_dense(tree: Any, req: Any, prompt_len: int, insert: bool) -> None:
 
 
 def _allocate(tree: Any, allocator: Any, slots: int) -> torch.Tensor | None:
-    from sglang.srt.mem_cache.common import evict_from_tree_cache
-
     if os.environ.get(NO_FRESH_SLOTS_ENV, "0") not in ("", "0"):
         return None
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
 
     evict_from_tree_cache(tree, slots)
     return allocator.alloc(slots)
