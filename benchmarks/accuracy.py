@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample, prompt_inputs, prompt_text
+from benchmarks.needles.smol import SMOL_TASKS, SmolConfig, make_smol_sample
 from benchmarks.needles.suite import png_data_url
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
@@ -63,7 +64,9 @@ HF_ONLY = {"h2o"}
 ENGINE_ONLY = {name for name, fields in POLICIES.items() if fields.get("prefill_evict") == "chunk"}
 BUDGETS = (0.05, 0.1, 0.2, 0.5)
 DEFAULT_SINK = PolicyConfig().sink
-MAX_NEW_TOKENS = 8  # answers are one or two words (mixed: "apple red"), a few tokens each in the byte-level BPE
+# Greedy tokens per reply: needle-vl answers in one or two words (mixed: "apple red"), a few tokens each in its
+# byte-level BPE; smol-vl in a short sentence ("The shape is in image 12.", 8 tokens, then <|im_end|>).
+MAX_NEW_TOKENS = {"needle": 8, "smol": 12}
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Run:
     kept_slots: int  # under ``layout``
     layout: str = "shared"
     kept_slots_per_layer: int | None = None  # HF path: the same kept sets under the per-layer layout
+    context: str = ""  # "IMAGESxSENTENCES" of the haystack
 
     @classmethod
     def of_sample(
@@ -108,6 +112,7 @@ class Run:
             kept_slots,
             layout,
             kept_slots_per_layer,
+            f"{sample.config.images}x{sample.config.sentences}",
         )
 
 
@@ -146,13 +151,30 @@ def policy_config(name: str, budget: float, window: int, sink: int = DEFAULT_SIN
 
 
 def run_hf(
-    model: Any, processor: Any, sample: NeedleSample, inputs: Mapping[str, Any], name: str, budget: float, window: int
+    model: Any,
+    processor: Any,
+    sample: NeedleSample,
+    inputs: Mapping[str, Any],
+    name: str,
+    budget: float,
+    window: int,
+    prefills: dict[tuple[str, int, str], Any] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS["needle"],
 ) -> Run:
-    """``inputs``: the sample's ``prompt_inputs``, built once for every policy and budget."""
+    """``inputs``: the sample's ``prompt_inputs``, built once for every policy and budget. ``prefills``: this
+    sample's prefills by ``hf.score_key``, filled as needed, so the prompt runs once per score source rather than
+    once per policy and budget (the answers are the same: ``tests/policies/test_hf.py``)."""
     from madakv_sglang import hf
 
     cfg = policy_config(name, budget, window)
-    result = hf.generate(model, inputs, cfg, MAX_NEW_TOKENS, eos_token_id=processor.tokenizer.eos_token_id)
+    prefilled = None
+    if prefills is not None:
+        key = hf.score_key(cfg)
+        if key not in prefills:
+            prefills[key] = hf.prefill(model, inputs, cfg)
+        prefilled = prefills[key]
+    eos = processor.tokenizer.eos_token_id
+    result = hf.generate(model, inputs, cfg, max_new_tokens, eos_token_id=eos, prefilled=prefilled)
     prediction = processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
     counts = result.selection.all_head_counts
     kept = {layout: int(slot_count(counts, layout=layout)[0]) for layout in ("shared", "per-layer")}
@@ -194,11 +216,18 @@ def engine_request(processor: Any, sample: NeedleSample) -> dict[str, Any]:
 
 
 def run_engine(
-    server: Any, sample: NeedleSample, request: dict[str, Any], name: str, budget: float, window: int, layout: str
+    server: Any,
+    sample: NeedleSample,
+    request: dict[str, Any],
+    name: str,
+    budget: float,
+    window: int,
+    layout: str,
+    max_new_tokens: int = MAX_NEW_TOKENS["needle"],
 ) -> Run:
     """``request``: the sample's :func:`engine_request`, built once for every policy and budget; ``layout``: the
     server's."""
-    prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, MAX_NEW_TOKENS)
+    prediction, prompt_len, kept = ask_engine(server, request, name, budget, window, max_new_tokens)
     return Run.of_sample("engine", name, budget, sample, prediction, prompt_len, kept, layout)
 
 
@@ -224,7 +253,30 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
                 members
             )
         cells.append(cell)
-    return {"cells": cells, "agreement": _agreement(runs)}
+    by_context: dict[tuple[str, str, float, str, str], list[bool]] = defaultdict(list)
+    for run in runs:
+        by_context[(run.path, run.policy, run.budget, run.task, run.context)].append(run.correct)
+    contexts = [
+        {"path": k[0], "policy": k[1], "budget": k[2], "task": k[3], "context": k[4], "accuracy": sum(v) / len(v)}
+        for k, v in sorted(by_context.items())
+    ]
+    return {"cells": cells, "by_context": contexts, "agreement": _agreement(runs)}
+
+
+def context_table(summary: dict[str, Any], path: str, policy: str = "full") -> str:
+    """``policy``'s accuracy per task (rows) and haystack size (columns, IMAGESxSENTENCES)."""
+    cells = [c for c in summary["by_context"] if c["path"] == path and c["policy"] == policy]
+    contexts = sorted({c["context"] for c in cells}, key=lambda c: [int(x) for x in c.split("x")])
+    tasks = sorted({c["task"] for c in cells}, key=_task_order)
+    budgets = sorted({c["budget"] for c in cells})
+    lines = [f"| task | budget | {' | '.join(contexts)} |", "|---|---|" + "---|" * len(contexts)]
+    for task in tasks:
+        for budget in budgets:
+            row = {c["context"]: c["accuracy"] for c in cells if c["task"] == task and c["budget"] == budget}
+            lines.append(
+                f"| {task} | {budget:g} | " + " | ".join(f"{row[c]:.2f}" if c in row else "-" for c in contexts) + " |"
+            )
+    return "\n".join(lines)
 
 
 def _agreement(runs: list[Run]) -> dict[str, Any]:
@@ -252,7 +304,9 @@ def markdown_table(summary: dict[str, Any], path: str, tasks: list[str] | None =
     """One row per (policy, budget), accuracy per task, and the mean fraction of prompt slots kept under the
     run's layout (and under ``per-layer`` too where the run measured it)."""
     cells = [c for c in summary["cells"] if c["path"] == path]
-    tasks = [t for t in (tasks or TASKS) if any(c["task"] == t for c in cells)]
+    tasks = [
+        t for t in tasks or sorted({c["task"] for c in cells}, key=_task_order) if any(c["task"] == t for c in cells)
+    ]
     layout = cells[0].get("layout", "shared") if cells else "shared"
     both = bool(cells) and all("slot_fraction_per_layer" in c for c in cells)
     columns = [f"slots kept ({layout})", *(["slots kept (per-layer)"] if both else [])]
@@ -271,8 +325,9 @@ def markdown_table(summary: dict[str, Any], path: str, tasks: list[str] | None =
 
 
 def _task_order(task: str) -> tuple[int, list[int | str]]:
-    """The suite's tasks in their order, then others with numbers compared as numbers (passkey-40 < passkey-120)."""
-    rank = TASKS.index(task) if task in TASKS else len(TASKS)  # type: ignore[arg-type]
+    """The suites' tasks in their order, then others with numbers compared as numbers (passkey-40 < passkey-120)."""
+    order = [*TASKS, *(t for t in SMOL_TASKS if t not in TASKS)]
+    rank = order.index(task) if task in order else len(order)
     return rank, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", task)]
 
 
@@ -336,6 +391,31 @@ def plot(summary: dict[str, Any], path: str, out: Path) -> list[Path]:
     return written
 
 
+def suite_samples(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[NeedleSample]:
+    """``--samples`` prompts per task and context, needles at depths spread evenly over [0, 1]; one seed per
+    prompt, so (task, seed) names a prompt (the HF/engine agreement pairs runs by it)."""
+    tasks = args.tasks or list(TASKS if args.suite == "needle" else SMOL_TASKS)
+    known = TASKS if args.suite == "needle" else SMOL_TASKS
+    if set(tasks) - set(known):
+        parser.error(f"--tasks {sorted(set(tasks) - set(known))}: the {args.suite} suite has {known}")
+    try:
+        contexts = [tuple(int(x) for x in c.split("x")) for c in args.contexts or [f"{args.images}x{args.sentences}"]]
+    except ValueError:
+        parser.error(f"--contexts {args.contexts}: expected IMAGESxSENTENCES, e.g. 8x100")
+    samples = []
+    for task in tasks:
+        for images, sentences in contexts:
+            for i in range(args.samples):
+                depth = (i + 0.5) / args.samples
+                if args.suite == "needle":
+                    config: Any = NeedleConfig(task, sentences=sentences, images=images, depth=depth)  # type: ignore[arg-type]
+                    samples.append(make_sample(config, args.seed + len(samples)))
+                else:
+                    config = SmolConfig(task, sentences=sentences, images=images, depth=depth)
+                    samples.append(make_smol_sample(config, args.seed + len(samples)))
+    return samples
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("benchmarks/models/needle-vl"))
@@ -347,10 +427,23 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the *-chunk ones ({', '.join(sorted(ENGINE_ONLY))}) run in the engine only",
     )
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--samples", type=int, default=10, help="prompts per task")
+    parser.add_argument(
+        "--suite",
+        choices=["needle", "smol"],
+        default="needle",
+        help="needle: benchmarks.needles (needle-vl); smol: benchmarks.needles.smol (smol-vl)",
+    )
+    parser.add_argument("--tasks", nargs="+", default=None, help=f"needle: {TASKS}; smol: {SMOL_TASKS}")
+    parser.add_argument("--samples", type=int, default=10, help="prompts per task and context")
     parser.add_argument("--sentences", type=int, default=80)
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument(
+        "--contexts",
+        nargs="+",
+        default=None,
+        metavar="IMAGESxSENTENCES",
+        help="haystack sizes, e.g. 8x100 16x500 (default: --images x --sentences)",
+    )
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--seed", type=int, default=10_000, help="first sample seed (keep clear of training seeds)")
     parser.add_argument("--path", choices=["hf", "engine", "both"], default="hf")
@@ -369,12 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(args.model)
-    configs = []
-    for task in args.tasks:
-        depths = [(i + 0.5) / args.samples for i in range(args.samples)]  # needles spread over the context
-        configs += [NeedleConfig(task, sentences=args.sentences, images=args.images, depth=d) for d in depths]
-    # One seed per prompt, so (task, seed) names a prompt: the HF/engine agreement pairs runs by it.
-    samples = [make_sample(config, args.seed + index) for index, config in enumerate(configs)]
+    samples = suite_samples(args, parser)
     grid = [(name, budget) for name in args.policies for budget in ([1.0] if name == "full" else args.budgets)]
     engine_only = sorted(ENGINE_ONLY & set(args.policies))
     if args.path == "hf" and engine_only:
@@ -383,11 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.path in ("hf", "both"):
         model = AutoModelForImageTextToText.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-        inputs = [prompt_inputs(processor, s) for s in samples]
-        for name, budget in tqdm([g for g in grid if g[0] not in ENGINE_ONLY], desc="HF path", file=sys.stderr):
-            runs += [
-                run_hf(model, processor, s, x, name, budget, args.window) for s, x in zip(samples, inputs, strict=True)
-            ]
+        hf_grid = [g for g in grid if g[0] not in ENGINE_ONLY]
+        for sample in tqdm(samples, desc="HF path (prompts)", file=sys.stderr):
+            inputs, prefills = prompt_inputs(processor, sample), {}  # one prefill per score source and prompt
+            new = MAX_NEW_TOKENS[args.suite]
+            runs += [run_hf(model, processor, sample, inputs, *g, args.window, prefills, new) for g in hf_grid]
+            del prefills
     if args.path in ("engine", "both"):
         from madakv_sglang.server_process import Server
 
@@ -401,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, budget in tqdm([g for g in grid if g[0] not in HF_ONLY], desc="engine", file=sys.stderr):
                 runs += pool.map(
                     lambda s, r, name=name, budget=budget: run_engine(
-                        server, s, r, name, budget, args.window, args.layout
+                        server, s, r, name, budget, args.window, args.layout, MAX_NEW_TOKENS[args.suite]
                     ),
                     samples,
                     requests,
@@ -420,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     paths = ["hf", "engine"] if args.path == "both" else [args.path]
     tables = [f"### {p} path\n\n{markdown_table(summary, p)}" for p in paths]
+    if len({r.context for r in runs}) > 1 and any(r.policy == "full" for r in runs):
+        tables += [
+            f"### {p} path, full cache by haystack (images x sentences)\n\n{context_table(summary, p)}" for p in paths
+        ]
     (args.out / "table.md").write_text(f"`{command}`\n\n" + "\n\n".join(tables) + "\n")
     plot(summary, paths[0], args.out)
     print("\n\n".join(tables))

@@ -1,11 +1,12 @@
 """SmolLM2-135M-Instruct as the language model of a Qwen2-VL checkpoint (``smol-vl``), so MadaKV can be measured on
 a VLM whose language attention is a real pretrained LM's (issue 16).
 
-    python -m benchmarks.build_smol_vl --out .models/smol-vl [--vision VISION.safetensors] [--seed 0]
+    python -m benchmarks.build_smol_vl [--out .models/smol-qwen2-vl] [--vision VISION.safetensors | random]
 
 The checkpoint is assembled from SmolLM2's weights as ``make setup-smollm2`` converts them and a vision side
-(patch embedding, vision blocks, merger): the trained one from ``--vision``, else a random one drawn from
-``--seed``. Assembly is deterministic, so the full checkpoint never has to be committed, only the vision part.
+(patch embedding, vision blocks, merger): by default the one ``benchmarks.train_smol_vl`` trained
+(``benchmarks/models/smol-vl-vision``), with ``--vision random`` one drawn from ``--seed``. Assembly is
+deterministic, so the full checkpoint never has to be committed, only the vision part.
 
 Why the text path is SmolLM2's exactly:
 
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = ROOT / ".models" / "smollm2-135m-instruct"
-DEFAULT_OUT = ROOT / ".models" / "smol-vl"
+DEFAULT_OUT = ROOT / ".models" / "smol-qwen2-vl"  # "qwen2-vl" in the path: SGLang's frontend picks its template by it
+TRAINED_VISION = ROOT / "benchmarks" / "models" / "smol-vl-vision" / "vision.safetensors"
 STAMP = ".smol-vl.json"
 LANGUAGE_MODEL = "model.language_model."  # the key prefix of Qwen2-VL's decoder
 
@@ -207,10 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.build_smol_vl", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2_DIR, help="SmolLM2 as `make setup-smollm2` writes it")
-    parser.add_argument("--vision", type=Path, default=None, help="trained vision weights (default: random)")
+    parser.add_argument(
+        "--vision", default=str(TRAINED_VISION), help="vision weights, or 'random' (default: the trained ones)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the random vision side's seed")
     args = parser.parse_args(argv)
-    print(assemble(args.out, args.smollm2, args.vision, args.seed))
+    vision = None if args.vision == "random" else Path(args.vision)
+    print(assemble(args.out, args.smollm2, vision, args.seed))
     return 0
 
 

@@ -138,10 +138,15 @@ class TrainConfig:
         return sum(stage.steps for stage in self.stages)
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
-        return self.lr * (self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, self.total_steps, self.lr, self.warmup, self.final_lr_ratio)
+
+
+def warmup_cosine(step: int, total_steps: int, peak: float, warmup: int, final_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``peak`` to ``final_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,8 +200,16 @@ def build_processor() -> Qwen2VLProcessor:
 
 
 def answer_ids(processor: Qwen2VLProcessor, answer: str) -> list[int]:
-    """The assistant turn's tokens: the word (no leading space: it follows ``assistant\\n``) then ``<|im_end|>``."""
-    return [*processor.tokenizer.encode(answer, add_special_tokens=False), IM_END]
+    """The assistant turn's tokens: the word (no leading space: it follows ``assistant\\n``) then ``<|im_end|>``
+    (whichever id the processor's tokenizer gives it)."""
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return [*processor.tokenizer.encode(answer, add_special_tokens=False), im_end]
+
+
+def reply(sample: NeedleSample) -> str:
+    """The assistant turn a sample trains on: ``meta["reply"]`` where the suite writes one (smol-vl's sentences),
+    else the answer itself (the needle suite's one-word replies)."""
+    return str(sample.meta.get("reply", sample.answer))
 
 
 def training_batch(
@@ -204,20 +217,35 @@ def training_batch(
 ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
     """Prompts plus answers, right-padded (a real token never sees a pad: positions match the unpadded prompt).
 
-    Returns the model inputs and, per row, the ``(start, end)`` token span of its answer (``<|im_end|>`` included).
+    Returns the model inputs and, per row, the ``(start, end)`` token span of its :func:`reply` (``<|im_end|>``
+    included).
     """
-    texts = [prompt_text(processor, s) + s.answer + "<|im_end|>" for s in samples]
+    texts = [prompt_text(processor, s) + reply(s) + "<|im_end|>" for s in samples]
     images = [image for s in samples for image in s.images]
     inputs = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True))
     spans = []
     for row, sample in enumerate(samples):
         end = int(inputs["attention_mask"][row].sum())
-        target = answer_ids(processor, sample.answer)
+        target = answer_ids(processor, reply(sample))
         start = end - len(target)
-        if inputs["input_ids"][row, start:end].tolist() != target:  # the answer must tokenize on its own
-            raise RuntimeError(f"answer {sample.answer!r} does not end row {row} as {target}")
+        if inputs["input_ids"][row, start:end].tolist() != target:  # the reply must tokenize on its own
+            raise RuntimeError(f"reply {reply(sample)!r} does not end row {row} as {target}")
         spans.append((start, end))
     return inputs, spans
+
+
+def answer_losses(
+    logits: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int]]
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """Per row, the mean cross-entropy of its answer span and whether every answer token is the argmax
+    (teacher-forced exact match)."""
+    losses, exact = [], []
+    for row, (start, end) in enumerate(spans):
+        target = input_ids[row, start:end]
+        predicted = logits[row, start - 1 : end - 1].float()  # position t predicts token t + 1
+        losses.append(torch.nn.functional.cross_entropy(predicted, target))
+        exact.append(bool((predicted.argmax(-1) == target).all()))
+    return losses, exact
 
 
 def stage_batch(stage: Stage, stage_index: int, step: int, seed: int) -> list[NeedleSample]:
@@ -256,14 +284,9 @@ def train(
         for _ in range(stage.steps):
             samples = stage_batch(stage, stage_index, step, cfg.seed)
             inputs, spans = training_batch(processor, samples)
-            logits = model(**inputs).logits
-            losses = []
-            for row, ((start, end), sample) in enumerate(zip(spans, samples, strict=True)):
-                target = inputs["input_ids"][row, start:end]
-                predicted = logits[row, start - 1 : end - 1].float()  # position t predicts token t + 1
-                loss = torch.nn.functional.cross_entropy(predicted, target)
-                losses.append(loss)
-                window[sample.config.task].append((float(loss.detach()), bool((predicted.argmax(-1) == target).all())))
+            losses, exact = answer_losses(model(**inputs).logits, inputs["input_ids"], spans)
+            for sample, row_loss, row_exact in zip(samples, losses, exact, strict=True):
+                window[sample.config.task].append((float(row_loss.detach()), row_exact))
             loss = torch.stack(losses).mean()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
@@ -308,12 +331,14 @@ def train(
 def answer(
     model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, sample: NeedleSample, max_new_tokens: int = 8
 ) -> str:
-    """Greedy reply through ``madakv_sglang.hf.generate`` with policy ``full`` (nothing evicted)."""
+    """Greedy reply through ``madakv_sglang.hf.generate`` with policy ``full`` (nothing evicted), up to the
+    processor's ``<|im_end|>``."""
     from madakv_sglang import hf
     from madakv_sglang.config import PolicyConfig
 
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     result = hf.generate(
-        model, prompt_inputs(processor, sample), PolicyConfig(policy="full"), max_new_tokens, eos_token_id=IM_END
+        model, prompt_inputs(processor, sample), PolicyConfig(policy="full"), max_new_tokens, eos_token_id=eos
     )
     return str(processor.tokenizer.decode(result.tokens, skip_special_tokens=True))
 

@@ -67,6 +67,7 @@ class Prefill:
         scores: ``[R, L, H, n]`` float32 psi of every KV head (see ``scoring``); None for score-free policies.
         visual: ``[R, n]`` bool, True at image and video token positions.
         prompt_len: n.
+        scored_by: (score source, window W, GQA reduction) of ``scores``: the policies it can serve.
     """
 
     cache: DynamicCache
@@ -74,6 +75,7 @@ class Prefill:
     scores: Tensor | None
     visual: Tensor
     prompt_len: int
+    scored_by: tuple[str, int, str]
 
 
 @dataclass
@@ -153,7 +155,14 @@ def prefill(
         scores=scores,
         visual=placeholder_mask(model, input_ids),
         prompt_len=input_ids.shape[1],
+        scored_by=score_key(cfg, source),
     )
+
+
+def score_key(cfg: PolicyConfig, source: ScoreSource | None = None) -> tuple[str, int, str]:
+    """What a prefill must have captured for ``cfg``: prefills with equal keys serve each other's policies."""
+    source = get_policy(cfg.policy).score_source if source is None else source
+    return (source, cfg.window, cfg.gqa) if source != "none" else ("none", 0, "")
 
 
 def placeholder_mask(model: PreTrainedModel, input_ids: Tensor) -> Tensor:
@@ -363,6 +372,7 @@ def generate(
     max_new_tokens: int,
     *,
     eos_token_id: int | None = None,
+    prefilled: Prefill | None = None,
 ) -> HFResult:
     """Prefill, evict with ``cfg.policy``, then decode greedily from the compressed cache.
 
@@ -371,15 +381,21 @@ def generate(
         inputs: the prompt kwargs of one request (``input_ids`` ``[1, n]`` and the vision inputs).
         cfg: the policy and its settings.
         max_new_tokens: tokens to generate (stops earlier after ``eos_token_id`` when given).
+        prefilled: the :func:`prefill` of ``inputs`` to evict from instead of running the prompt again (a sweep
+            evicts one prompt with many policies and budgets; nothing here changes it). Its ``scored_by`` must
+            be ``score_key(cfg)``, and no other prompt may have run on ``model`` since (Qwen2-VL keeps the
+            prompt's M-RoPE offsets on the model for decoding).
     """
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("generate takes one request (input_ids of shape [1, n])")
-    pre = prefill(model, inputs, cfg)
+    if prefilled is not None and prefilled.scored_by != score_key(cfg):
+        raise ValueError(f"the prefill was scored for {prefilled.scored_by}, {cfg.policy} needs {score_key(cfg)}")
+    pre = prefill(model, inputs, cfg) if prefilled is None else prefilled
     selection = select_tokens(pre, cfg)
     cache = compress(pre.cache, selection.keep)
     result = HFResult([], [], selection, dense_kv_bytes(pre.cache), cache.kv_bytes(), pre.prompt_len)
     logits = pre.logits[0]
-    del pre  # releases the dense K/V: from here on only the kept cells are held
+    del pre  # releases the dense K/V (unless the caller holds it as ``prefilled``): only the kept cells remain
     with _decoder_attention(model, DECODE_ATTENTION), _bound(_DECODE_CACHE, cache):
         step_started = None
         while True:

@@ -25,7 +25,7 @@ ENGINE_MODULES = frozenset(
     }
 )
 # Fixtures of mixed modules that start SGLang, and the tests there that start it themselves.
-ENGINE_FIXTURES = frozenset({"quick_runs", "server_factory", "vl_server", "launcher", "report"})
+ENGINE_FIXTURES = frozenset({"quick_runs", "server_factory", "vl_server", "launcher", "report", "smol_server"})
 ENGINE_TESTS = frozenset({"test_cli_against_sglang_with_madakv"})
 
 

@@ -28,18 +28,23 @@ def background(rng: random.Random) -> Image.Image:
 
 def draw_shape(image: Image.Image, shape: str, colour: str, rng: random.Random) -> Image.Image:
     """A copy of ``image`` with one ``shape`` of ``colour``, 70-110 px wide, at a random place inside it."""
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
     width = rng.randint(70, 110)
     x0, y0 = rng.randint(8, SIZE - width - 8), rng.randint(8, SIZE - width - 8)
-    box = (x0, y0, x0 + width, y0 + width)
+    return draw_in_box(image, shape, colour, (x0, y0, x0 + width, y0 + width))
+
+
+def draw_in_box(image: Image.Image, shape: str, colour: str, box: tuple[int, int, int, int]) -> Image.Image:
+    """A copy of ``image`` with ``shape`` of ``colour`` filling the square ``box`` (x0, y0, x1, y1)."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
     fill = COLOURS[colour]
+    x0, y0, x1, y1 = box
     if shape == "square":
         draw.rectangle(box, fill=fill)
     elif shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "triangle":
-        draw.polygon([(x0 + width // 2, y0), (x0, y0 + width), (x0 + width, y0 + width)], fill=fill)
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     return out

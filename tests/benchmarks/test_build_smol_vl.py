@@ -105,15 +105,15 @@ def test_an_image_goes_through_the_vision_side(assembled: Any, checkpoint: Path,
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def smol_server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "smol-vl.log"
     with Server(checkpoint, ["--max-total-tokens", "4096", "--attention-backend", "torch_native"], log) as running:
         yield running
 
 
-def test_sglang_reads_text_as_smollm2_does(server: Server, smollm2: Any, prompt: list[int]) -> None:
+def test_sglang_reads_text_as_smollm2_does(smol_server: Server, smollm2: Any, prompt: list[int]) -> None:
     sampling = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
-    got = server.post("/generate", {"input_ids": prompt, "sampling_params": sampling, "return_logprob": True})
+    got = smol_server.post("/generate", {"input_ids": prompt, "sampling_params": sampling, "return_logprob": True})
     ids = torch.tensor([prompt])
     with torch.no_grad():
         expected = smollm2.generate(ids, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)[0]

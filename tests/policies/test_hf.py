@@ -277,6 +277,32 @@ def test_generation_stops_at_eos() -> None:
     assert stopped.tokens == tokens[: tokens.index(tokens[2]) + 1]
 
 
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl"])
+def test_one_prefill_serves_every_policy_that_scores_alike(name: str) -> None:
+    """The accuracy sweep evicts one prefill with many policies: each answer must equal its own fresh run."""
+    model, inputs = build(name)
+    configs = [
+        PolicyConfig(policy=policy, budget=budget, window=WINDOW, min_prompt=0)
+        for policy in ("madakv", "snapkv", "adakv")
+        for budget in (0.2, 0.5)
+    ]
+    assert len({hf.score_key(cfg) for cfg in configs}) == 1, "the window policies share one key"
+    pre = hf.prefill(model, inputs, configs[0])
+    for cfg in configs:
+        reused = hf.generate(model, inputs, cfg, STEPS, prefilled=pre)
+        fresh = hf.generate(model, inputs, cfg, STEPS)
+        assert reused.tokens == fresh.tokens, cfg
+        assert torch.equal(reused.selection.keep, fresh.selection.keep), cfg
+        for ours, theirs in zip(reused.step_logits, fresh.step_logits, strict=True):
+            assert torch.equal(ours, theirs)
+    full_pre = hf.prefill(model, inputs, PolicyConfig(policy="full"))
+    assert hf.score_key(PolicyConfig(policy="full")) == full_pre.scored_by == ("none", 0, "")
+    with pytest.raises(ValueError, match="scored for"):
+        hf.generate(model, inputs, configs[0], 1, prefilled=full_pre)
+    with pytest.raises(ValueError, match="scored for"):
+        hf.generate(model, inputs, configs[0].replace(window=WINDOW + 1), 1, prefilled=pre)
+
+
 def test_prefill_scores_a_batch_of_equal_length_prompts() -> None:
     model, first = build("qwen2")
     _, second = hf_models.qwen2(seed=5)

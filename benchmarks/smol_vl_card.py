@@ -1,0 +1,130 @@
+"""The model card of smol-vl's trained vision side (``README.md`` beside ``vision.safetensors``), written from
+the numbers of the training run (``training.json``), so the card never says what the run did not measure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.build_smol_vl import VISION_CONFIG
+from benchmarks.needles.smol import SMOL_TASKS
+
+GOOD = 0.9  # the issue's bar for a task the policy comparison may use
+
+
+def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
+    """``README.md`` in ``out_dir``: model, data, schedule, held-out full-cache accuracy, limits."""
+    cfg, run, ev, grid = metrics["train_config"], metrics["run"], metrics["eval"], metrics["eval_grid"]
+    weights_mb = (out_dir / "vision.safetensors").stat().st_size / 1e6
+    stages = "\n".join(
+        f"| {i} | {s['steps']} | {', '.join(f'{t} {n}' for t, n in s['mix'].items())} | "
+        f"{s['sentences'][0]}-{s['sentences'][1]} | {s['images'][0]}-{s['images'][1]} |"
+        for i, s in enumerate(cfg["stages"])
+    )
+    tasks = [t for t in SMOL_TASKS if t in ev["accuracy"]]
+    accuracy = "\n".join(f"| {t} | {ev['accuracy'][t]:.3f} | {ev['count'][t]} |" for t in tasks)
+    by_images = "\n".join(
+        f"| {t} | " + " | ".join(f"{ev['cells'][f'{t} i{n}']:.2f}" for n in grid["images"]) + " |" for t in tasks
+    )
+    wrong = "\n".join(
+        f"- {t}: " + "; ".join(f"expected {w['expected']!r}, said {w['reply']!r}" for w in ev["wrong_examples"][t])
+        for t in tasks
+        if ev["wrong_examples"].get(t)
+    )
+    card = f"""# smol-vl vision side: a vision tower trained for SmolLM2-135M-Instruct, the language model frozen
+
+`vision.safetensors` holds the `model.visual.*` tensors (patch embedding, {VISION_CONFIG["depth"]} vision blocks,
+the 2x2 merger) of smol-vl, a Qwen2-VL checkpoint whose language model is SmolLM2-135M-Instruct unchanged
+(`benchmarks/build_smol_vl.py`). The servable checkpoint is assembled from this file and the SmolLM2 weights that
+`make setup-smollm2` converts:
+
+    python -m benchmarks.build_smol_vl --out .models/smol-qwen2-vl
+
+It was trained by
+
+    python -m benchmarks.train_smol_vl --out benchmarks/models/smol-vl-vision --seed {cfg["seed"]}
+
+## Model
+
+- Vision side: {metrics["vision_parameters"]:,} parameters, fp32, {weights_mb:.1f} MB. 14-px patches, a 224x224
+  image is 256 patches, merged 2x2 into 64 tokens of SmolLM2's width (576).
+- Language model: SmolLM2-135M-Instruct's weights, not trained here (text logits equal SmolLM2's own:
+  `tests/benchmarks/test_build_smol_vl.py`).
+
+## Training
+
+- Only `model.visual.*` is updated (AdamW, betas 0.9 / 0.98, weight decay {cfg["weight_decay"]}, peak lr
+  {cfg["lr"]}, {cfg["warmup"]} warm-up steps, cosine to {cfg["final_lr_ratio"]} x peak, gradient clip {cfg["clip"]});
+  forward autocast to bfloat16: {cfg["bf16"]}.
+{_warm_start(metrics)}
+- Data: `benchmarks.needles.smol` prompts drawn fresh every step (seeds >= 1,000,000), each rendered as served:
+  the chat template over one user message (numbered images among filler sentences, then the question), the
+  assistant's reply, a short sentence naming the answer ("The shape is red.") and `<|im_end|>`; the loss is the
+  reply tokens' cross-entropy. {run["samples"]:,} prompts.
+- Curriculum (haystack size drawn per batch):
+
+| stage | steps | prompts per batch | sentences | images |
+|---|---|---|---|---|
+{stages}
+
+- Wall time: {run["train_s"] / 60:.1f} min of training ({run.get("total_s", run["train_s"]) / 60:.1f} min with
+  evaluation) on {metrics["machine"]}, shared with other work.
+
+## Held-out accuracy, full cache
+
+Seeds 0..{grid["per_cell"] - 1} (never trained on) of every task x images {grid["images"]} x sentences
+{grid["sentences"]}, depths uniform in [0, 1]; greedy replies from `madakv_sglang.hf.generate` with policy `full`
+(fp32), scored by the needle suite's `is_correct` (every word of the answer appears in the reply).
+
+| task | accuracy | prompts |
+|---|---|---|
+{accuracy}
+
+By number of images ({" / ".join(map(str, grid["images"]))}):
+
+| task | {" | ".join(f"{n} images" for n in grid["images"])} |
+|---|{"---|" * len(grid["images"])}
+{by_images}
+
+{"Wrong answers (the first few per task):" if wrong else ""}
+{wrong}
+
+The long-context tasks (8-16 images, 1k-4k tokens) and their accuracy are in `benchmarks/RESULTS.md`.
+
+## What it can and cannot show
+
+- Can: {_can(ev["accuracy"])}
+- Cannot (yet): {_cannot(ev["accuracy"])}. This run trained the vision side for {run["train_s"] / 60:.0f} minutes;
+  every step through SmolLM2 costs about half a second per prompt on this machine, and these tasks need more of
+  them, or a language model that reads text facts better than a 135M one (SmolLM2 alone, given the image as
+  text, already fails the lookup and which-image questions).
+- Cannot: long contexts. The prompts above are 100-650 tokens; on 1.2k-3.9k-token haystacks of the suite's
+  filler (8-16 images) SmolLM2 copies the filler ("The key is There and back again.") and the full cache fails
+  both the colour and the key task (`benchmarks/RESULTS.md`).
+- Cannot: natural images. The vision side has seen only the suite's noisy backgrounds with saturated shapes and
+  digits. Nor can it stand in for Qwen2-VL or LLaVA: the language model has 135M parameters, and its attention
+  is its own (nothing in it was tuned here).
+"""
+    (out_dir / "README.md").write_text(card)
+
+
+def _warm_start(metrics: dict[str, Any]) -> str:
+    """The card's line on how the vision side started: the warm start's numbers, or the weights it resumed."""
+    cfg, run = metrics["train_config"], metrics["run"]
+    if not run.get("warm_history"):
+        return f"- Started from `{metrics.get('init')}` (no warm start): this run trained those weights further."
+    steps, batch = cfg["warm_steps"], cfg["warm_batch"]
+    return f"""- Warm start, the language model not run: {steps} steps of {batch} images (nothing, a shape, a digit, or
+  1-4 shapes), each image token pulled onto a SmolLM2 input embedding: the object's colour
+  word where the token shows the object, the word for what it is (" circle", "7", " three", " nothing") elsewhere;
+  a mean-squared error scaled by the embeddings' mean square (final {run["warm_history"][-1]["loss"]:.3f},
+  {run["warm_s"] / 60:.1f} min). SmolLM2 then reads an image as those words."""
+
+
+def _can(accuracy: dict[str, float]) -> str:
+    good = [f"{task} ({value:.2f})" for task, value in accuracy.items() if value >= GOOD]
+    return "the tasks it answers with the full cache: " + (", ".join(good) if good else "none") + "."
+
+
+def _cannot(accuracy: dict[str, float]) -> str:
+    return ", ".join(f"{task} ({value:.2f})" for task, value in accuracy.items() if value < GOOD) or "none"
