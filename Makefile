@@ -24,5 +24,5 @@ test: setup setup-oracle setup-smollm2
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5); treating that as a failure" >&2; exit 1; fi; \
 	exit $$rc
 
-demo: setup
+demo: setup setup-smollm2
 	cd $(ROOT) && $(PY) -m madakv_sglang.demo

@@ -290,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.model is None:
         from madakv_sglang import checkpoints
-        from madakv_sglang.demo import MODEL_DIR_NAME, default_work_dir
+        from madakv_sglang.demo import TINY_MODEL_DIR_NAME, default_work_dir
 
-        args.model = checkpoints.write_checkpoint("qwen2_vl", default_work_dir() / MODEL_DIR_NAME, seed=0)
+        args.model = checkpoints.write_checkpoint("qwen2_vl", default_work_dir() / TINY_MODEL_DIR_NAME, seed=0)
     print(f"[prefix-cache] {len(rows)} conversations, {len(cold)} requests; logs in {log_dir}", file=sys.stderr)
     runs = serving.run_cpu(
         args.model.resolve(),

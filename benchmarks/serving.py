@@ -818,9 +818,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.model is None:
             from madakv_sglang import checkpoints
-            from madakv_sglang.demo import MODEL_DIR_NAME, default_work_dir
+            from madakv_sglang.demo import TINY_MODEL_DIR_NAME, default_work_dir
 
-            args.model = checkpoints.write_checkpoint("qwen2_vl", default_work_dir() / MODEL_DIR_NAME, seed=0)
+            args.model = checkpoints.write_checkpoint("qwen2_vl", default_work_dir() / TINY_MODEL_DIR_NAME, seed=0)
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="madakv-serving-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         print(f"[serving] logs in {log_dir}", file=sys.stderr, flush=True)

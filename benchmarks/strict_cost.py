@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()
 
-    from madakv_sglang.demo import default_work_dir, prepare
+    from madakv_sglang.demo import default_work_dir, prepare_tiny
 
-    model, images = prepare(default_work_dir())
+    model, images = prepare_tiny(default_work_dir())
     batch = requests_for(images, args.requests, args.max_new)
     times: dict[str, list[float]] = {"plain": [], "strict": []}
     with (
