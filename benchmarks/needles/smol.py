@@ -147,7 +147,7 @@ def draw_digit(image: Image.Image, digit: int, colour: str, rng: random.Random) 
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=rng.randint(*_DIGIT_FONT_SIZES))
     stroke = rng.randint(4, 7)
-    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
+    left, top, right, bottom = (round(v) for v in draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke))
     x = rng.randint(4 - left, SIZE - 4 - right)
     y = rng.randint(4 - top, SIZE - 4 - bottom)
     fill = COLOURS[colour]

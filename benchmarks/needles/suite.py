@@ -25,7 +25,7 @@ import base64
 import io
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from PIL import Image
 
@@ -91,6 +91,23 @@ class NeedleConfig:
             raise ValueError(f"depth {self.depth} is outside [0, 1]")
 
 
+class SampleConfig(Protocol):
+    """What a sample's config tells its users: the task, the haystack's size and the needle's depth
+    (:class:`NeedleConfig` here, ``smol.SmolConfig`` for smol-vl's tasks)."""
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def sentences(self) -> int: ...
+
+    @property
+    def images(self) -> int: ...
+
+    @property
+    def depth(self) -> float: ...
+
+
 @dataclass
 class NeedleSample:
     """A prompt as interleaved segments: ``str`` text, or ``int`` an index into ``images``.
@@ -100,7 +117,7 @@ class NeedleSample:
             ``seed`` and the config's fields.
     """
 
-    config: NeedleConfig
+    config: SampleConfig
     segments: list[str | int]
     images: list[Image.Image]
     question: str
