@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.needles.images import COLOURS, SHAPES, SIZE, background, draw_in_box, draw_shape
-from benchmarks.needles.suite import ABSENT_ANSWER, FILLER, KEYS, NeedleSample
+from benchmarks.needles.suite import ABSENT_ANSWER, FILLER, KEYS, NeedleSample, at_depth, image_positions
 
 SMOL_TASKS = ("colour", "shape", "digit", "count", "which", "key", "lookup", "absent")
 # Tasks whose answer is in an image (a needle image exists); ``key`` keeps its answer in the text.
@@ -95,7 +95,7 @@ def make_smol_sample(config: SmolConfig, seed: int) -> NeedleSample:
     rng = random.Random(f"smol-vl|{config}|{seed}")
     sentences = [rng.choice(FILLER) for _ in range(config.sentences)]
     images = [background(rng) for _ in range(config.images)]
-    where = _at_depth(config.images, config.depth)
+    where = at_depth(config.images, config.depth)
     meta: dict[str, object] = {"seed": seed, "needle_image": None, "needle_sentence": None}
     meta |= {k: getattr(config, k) for k in ("task", "sentences", "images", "depth")}
     task = config.task
@@ -127,7 +127,7 @@ def make_smol_sample(config: SmolConfig, seed: int) -> NeedleSample:
         for index in range(config.images):
             images[index] = draw_shape(images[index], rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng)
         key = rng.choice(KEYS)
-        at = _at_depth(len(sentences) + 1, config.depth)
+        at = at_depth(len(sentences) + 1, config.depth)
         sentences.insert(at, f"The key is {key}.")
         meta.update(needle_sentence=at, key=key)
         answer = key
@@ -168,15 +168,9 @@ def draw_count(image: Image.Image, count: int, shape: str, colour: str, rng: ran
     return out
 
 
-def _at_depth(count: int, depth: float) -> int:
-    return min(count - 1, int(round(depth * (count - 1))))
-
-
 def _numbered(sentences: list[str], images: int) -> list[str | int]:
-    """Images spread evenly through the text, each after its label "Image k: " (k from 1)."""
-    before: dict[int, list[int]] = {}
-    for i in range(images):
-        before.setdefault(min(len(sentences), round((i + 0.5) * len(sentences) / images)), []).append(i)
+    """Images placed as the needle suite places them (``image_positions``), each after its label "Image k: "."""
+    before = image_positions(len(sentences), images)
     segments: list[str | int] = []
     text = ""
     for index in range(len(sentences) + 1):

@@ -167,7 +167,7 @@ def png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _at_depth(count: int, depth: float) -> int:
+def at_depth(count: int, depth: float) -> int:
     """The index of depth ``depth`` among ``count`` slots (0 -> first, 1 -> last)."""
     return min(count - 1, int(round(depth * (count - 1))))
 
@@ -188,25 +188,32 @@ def make_sample(config: NeedleConfig, seed: int) -> NeedleSample:
     answer = ABSENT_ANSWER
     if config.task in ("image", "mixed"):
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-        where = _at_depth(config.images, config.depth)
+        where = at_depth(config.images, config.depth)
         images[where] = draw_shape(images[where], shape, colour, rng)
         meta.update(needle_image=where, colour=colour, shape=shape)
         answer = colour
     if config.task in ("text", "mixed"):
         key = rng.choice(KEYS)
-        where = _at_depth(config.sentences + 1, config.depth)
+        where = at_depth(config.sentences + 1, config.depth)
         sentences.insert(where, f"The key is {key}.")
         meta.update(needle_sentence=where, key=key)
         answer = key if config.task == "text" else f"{key} {meta['colour']}"
     return NeedleSample(config, _interleave(sentences, len(images)), images, QUESTIONS[config.task], answer, meta)
 
 
+def image_positions(sentences: int, images: int) -> dict[int, list[int]]:
+    """Images spread evenly through the text: sentence index -> the images that go before it (image i before
+    sentence ``round((i + 0.5) * S / images)``; several at one place when there are more images than sentences)."""
+    before: dict[int, list[int]] = {}
+    for i in range(images):
+        before.setdefault(min(sentences, round((i + 0.5) * sentences / images)), []).append(i)
+    return before
+
+
 def _interleave(sentences: list[str], images: int) -> list[str | int]:
     """Images spread evenly through the text: image i goes before sentence ``round((i + 0.5) * S / images)``
     (several images at one place when there are more images than sentences)."""
-    before: dict[int, list[int]] = {}
-    for i in range(images):
-        before.setdefault(min(len(sentences), round((i + 0.5) * len(sentences) / images)), []).append(i)
+    before = image_positions(len(sentences), images)
     segments: list[str | int] = []
     text: list[str] = []
     for index in range(len(sentences) + 1):
