@@ -411,7 +411,7 @@ def suite_samples(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                     config: Any = NeedleConfig(task, sentences=sentences, images=images, depth=depth)  # type: ignore[arg-type]
                     samples.append(make_sample(config, args.seed + len(samples)))
                 else:
-                    config = SmolConfig(task, sentences=sentences, images=images, depth=depth)
+                    config = SmolConfig(task, sentences, images, depth, args.haystack)
                     samples.append(make_smol_sample(config, args.seed + len(samples)))
     return samples
 
@@ -443,6 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="IMAGESxSENTENCES",
         help="haystack sizes, e.g. 8x100 16x500 (default: --images x --sentences)",
+    )
+    parser.add_argument(
+        "--haystack",
+        choices=["filler", "prose"],
+        default="filler",
+        help="smol only: the needle suite's repeated filler, or narrative prose (benchmarks.needles.prose)",
     )
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--seed", type=int, default=10_000, help="first sample seed (keep clear of training seeds)")

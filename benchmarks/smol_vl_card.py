@@ -16,11 +16,7 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
     """``README.md`` in ``out_dir``: model, data, schedule, held-out full-cache accuracy, limits."""
     cfg, run, ev, grid = metrics["train_config"], metrics["run"], metrics["eval"], metrics["eval_grid"]
     weights_mb = (out_dir / "vision.safetensors").stat().st_size / 1e6
-    stages = "\n".join(
-        f"| {i} | {s['steps']} | {', '.join(f'{t} {n}' for t, n in s['mix'].items())} | "
-        f"{s['sentences'][0]}-{s['sentences'][1]} | {s['images'][0]}-{s['images'][1]} |"
-        for i, s in enumerate(cfg["stages"])
-    )
+    stages = _stage_rows([(n, r["train_config"]) for n, r in enumerate(_runs(metrics), start=1)])
     tasks = [t for t in SMOL_TASKS if t in ev["accuracy"]]
     accuracy = "\n".join(f"| {t} | {ev['accuracy'][t]:.3f} | {ev['count'][t]} |" for t in tasks)
     by_images = "\n".join(
@@ -40,9 +36,7 @@ the 2x2 merger) of smol-vl, a Qwen2-VL checkpoint whose language model is SmolLM
 
     python -m benchmarks.build_smol_vl --out .models/smol-qwen2-vl
 
-It was trained by
-
-    python -m benchmarks.train_smol_vl --out benchmarks/models/smol-vl-vision --seed {cfg["seed"]}
+{_lineage(metrics)}
 
 ## Model
 
@@ -58,13 +52,14 @@ It was trained by
   forward autocast to bfloat16: {cfg["bf16"]}.
 {_warm_start(metrics)}
 - Data: `benchmarks.needles.smol` prompts drawn fresh every step (seeds >= 1,000,000), each rendered as served:
-  the chat template over one user message (numbered images among filler sentences, then the question), the
+  the chat template over one user message (numbered images among sentences, then the question), the
   assistant's reply, a short sentence naming the answer ("The shape is red.") and `<|im_end|>`; the loss is the
-  reply tokens' cross-entropy. {run["samples"]:,} prompts.
-- Curriculum (haystack size drawn per batch):
+  reply tokens' cross-entropy. {run["samples"]:,} prompts in the last run.
+- Curriculum (haystack size drawn per batch; `filler` is the needle suite's repeated sentences, `prose` the
+  narrative haystack of `benchmarks.needles.prose`):
 
-| stage | steps | prompts per batch | sentences | images |
-|---|---|---|---|---|
+| run | stage | steps | prompts per batch | sentences | images | haystack |
+|---|---|---|---|---|---|---|
 {stages}
 
 - Wall time: {run["train_s"] / 60:.1f} min of training ({run.get("total_s", run["train_s"]) / 60:.1f} min with
@@ -89,7 +84,7 @@ By number of images ({" / ".join(map(str, grid["images"]))}):
 {"Wrong answers (the first few per task):" if wrong else ""}
 {wrong}
 
-The long-context tasks (8-16 images, 1k-4k tokens) and their accuracy are in `benchmarks/RESULTS.md`.
+{_long_contexts(metrics)}
 
 ## What it can and cannot show
 
@@ -98,9 +93,8 @@ The long-context tasks (8-16 images, 1k-4k tokens) and their accuracy are in `be
   every step through SmolLM2 costs about half a second per prompt on this machine, and these tasks need more of
   them, or a language model that reads text facts better than a 135M one (SmolLM2 alone, given the image as
   text, already fails the lookup and which-image questions).
-- Cannot: long contexts. The prompts above are 100-650 tokens; on 1.2k-3.9k-token haystacks of the suite's
-  filler (8-16 images) SmolLM2 copies the filler ("The key is There and back again.") and the full cache fails
-  both the colour and the key task (`benchmarks/RESULTS.md`).
+- Long contexts: {_long_verdict(metrics)}
+{_versus_previous(metrics)}
 - Cannot: natural images. The vision side has seen only the suite's noisy backgrounds with saturated shapes and
   digits. Nor can it stand in for Qwen2-VL or LLaVA: the language model has 135M parameters, and its attention
   is its own (nothing in it was tuned here).
@@ -128,3 +122,80 @@ def _can(accuracy: dict[str, float]) -> str:
 
 def _cannot(accuracy: dict[str, float]) -> str:
     return ", ".join(f"{task} ({value:.2f})" for task, value in accuracy.items() if value < GOOD) or "none"
+
+
+def _runs(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run that made the weights, first to last (a continuation records the run it started from)."""
+    chain, record = [], metrics
+    while record:
+        chain.append(record)
+        record = record.get("previous")
+    return chain[::-1]
+
+
+def _lineage(metrics: dict[str, Any]) -> str:
+    runs = _runs(metrics)
+    commands = "\n".join(f"    {r.get('command') or '(command not recorded)'}" for r in runs)
+    lead = (
+        "It was trained by" if len(runs) == 1 else f"It was trained in {len(runs)} runs, each from the last's weights:"
+    )
+    return f"{lead}\n\n{commands}"
+
+
+def _stage_rows(metrics_cfg: dict[str, Any]) -> str:
+    return "\n".join(
+        f"| {run} | {i} | {s['steps']} | {', '.join(f'{t} {n}' for t, n in s['mix'].items())} | "
+        f"{s['sentences'][0]}-{s['sentences'][1]} | {s['images'][0]}-{s['images'][1]} | {s.get('haystack', 'filler')} |"
+        for run, cfg in metrics_cfg
+        for i, s in enumerate(cfg["stages"])
+    )
+
+
+def _long_contexts(metrics: dict[str, Any]) -> str:
+    """The long-context table (``eval_long``): accuracy per task and haystack, among prose."""
+    long = metrics.get("eval_long")
+    if not long:
+        return "Long contexts were not evaluated in this run."
+    contexts = long["contexts"]
+    header = " | ".join(f"{images} images, {sentences} sentences" for images, sentences in contexts)
+    rows = "\n".join(
+        f"| {task} | " + " | ".join(f"{long['cells'][f'{task} i{images}']:.2f}" for images, _ in contexts) + " |"
+        for task in long["accuracy"]
+    )
+    wrong = "; ".join(
+        f"{task}: expected {w['expected']!r}, said {w['reply']!r}"
+        for task, examples in long["wrong_examples"].items()
+        for w in examples[:1]
+    )
+    return f"""## Held-out accuracy at long contexts, full cache
+
+{long["per_cell"]} prompts per cell (seeds 0..{long["per_cell"] - 1}, depths spread evenly), the needle among
+prose sentences (`benchmarks.needles.prose`); about 1.2k, 2.3k and 4k tokens.
+
+| task | {header} |
+|---|{"---|" * len(contexts)}
+{rows}
+
+{"First wrong answer per task: " + wrong if wrong else ""}"""
+
+
+def _long_verdict(metrics: dict[str, Any]) -> str:
+    long = metrics.get("eval_long")
+    if not long:
+        return "not evaluated here."
+    good = [f"{t} ({v:.2f})" for t, v in long["accuracy"].items() if v >= GOOD]
+    bad = [f"{t} ({v:.2f})" for t, v in long["accuracy"].items() if v < GOOD]
+    return (
+        f"at {GOOD:.0%} or more: {', '.join(good) or 'none'}; below: {', '.join(bad) or 'none'} (the table above). "
+        "SmolLM2-135M itself loses text facts at these lengths: the key task is text only."
+    )
+
+
+def _versus_previous(metrics: dict[str, Any]) -> str:
+    """What a continuation cost or gained on the short held-out set, task by task (empty for a first run)."""
+    previous = metrics.get("previous")
+    if not previous:
+        return ""
+    now = metrics["eval"]["accuracy"]
+    changes = ", ".join(f"{t} {previous['accuracy'][t]:.2f} -> {now[t]:.2f}" for t in now if t in previous["accuracy"])
+    return f"- Against the weights this run started from (the same held-out prompts): {changes}."

@@ -1,8 +1,10 @@
 """The tasks of smol-vl (issue 16): what its vision side is trained on, and the long multi-image retrievals the
 accuracy sweep asks of it.
 
-Every prompt is filler sentences with numbered images among them ("Image 3: <image>"), then a question. The
-images are the needle suite's noisy backgrounds; some show something:
+Every prompt is haystack sentences with numbered images among them ("Image 3: <image>"), then a question. The
+sentences are the needle suite's repeated filler, or narrative prose (``haystack="prose"``,
+:mod:`benchmarks.needles.prose`), which SmolLM2 does not copy into its answers the way it copies the filler at 1k
+tokens and more. The images are the needle suite's noisy backgrounds; some show something:
 
 - ``colour`` / ``shape`` / ``digit`` / ``count``: one image, at depth d among the images, shows a coloured
   shape, a large coloured digit, or 1-4 small shapes of one kind; the question asks for its colour, shape, digit
@@ -31,8 +33,10 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.needles.images import COLOURS, SHAPES, SIZE, background, draw_in_box, draw_shape
+from benchmarks.needles.prose import prose_sentences
 from benchmarks.needles.suite import ABSENT_ANSWER, FILLER, KEYS, NeedleSample, at_depth, image_positions
 
+HAYSTACKS = ("filler", "prose")
 SMOL_TASKS = ("colour", "shape", "digit", "count", "which", "key", "lookup", "absent")
 # Tasks whose answer is in an image (a needle image exists); ``key`` keeps its answer in the text.
 _IMAGE_NEEDLE = {"colour", "shape", "digit", "count", "which", "lookup"}
@@ -70,16 +74,19 @@ class SmolConfig:
 
     Attributes:
         task: one of :data:`SMOL_TASKS` (module docstring).
-        sentences: filler sentences (SmolLM2 tokenizes each as ~5 tokens).
+        sentences: haystack sentences (SmolLM2 tokenizes a filler sentence as ~5 tokens, a prose one as ~11).
         images: numbered images (64 tokens each); every task needs >= 1.
         depth: where the needle sits, 0 (start) .. 1 (end): among the images for image needles, in the text for
             ``key``.
+        haystack: ``filler`` (the needle suite's repeated sentences, what the vision side trained among) or
+            ``prose`` (:mod:`benchmarks.needles.prose`, which SmolLM2 reads past at 1k-4k tokens).
     """
 
     task: str
     sentences: int = 20
     images: int = 1
     depth: float = 0.5
+    haystack: str = "filler"
 
     def __post_init__(self) -> None:
         if self.task not in SMOL_TASKS:
@@ -88,16 +95,27 @@ class SmolConfig:
             raise ValueError("a smol-vl prompt needs at least one image and a non-negative sentence count")
         if not 0.0 <= self.depth <= 1.0:
             raise ValueError(f"depth {self.depth} is outside [0, 1]")
+        if self.haystack not in HAYSTACKS:
+            raise ValueError(f"haystack {self.haystack!r}: expected one of {HAYSTACKS}")
+
+    def seed_key(self) -> str:
+        """What the sample's random draws are seeded with: the fields as the config printed before ``haystack``
+        existed, so filler samples (the trained weights' held-out set among them) stay what they were."""
+        key = f"SmolConfig(task={self.task!r}, sentences={self.sentences}, images={self.images}, depth={self.depth})"
+        return key if self.haystack == "filler" else f"{key}|{self.haystack}"
 
 
 def make_smol_sample(config: SmolConfig, seed: int) -> NeedleSample:
     """One prompt of ``config``; deterministic in ``seed``."""
-    rng = random.Random(f"smol-vl|{config}|{seed}")
-    sentences = [rng.choice(FILLER) for _ in range(config.sentences)]
+    rng = random.Random(f"smol-vl|{config.seed_key()}|{seed}")
+    if config.haystack == "prose":
+        sentences = prose_sentences(rng, config.sentences)
+    else:
+        sentences = [rng.choice(FILLER) for _ in range(config.sentences)]
     images = [background(rng) for _ in range(config.images)]
     where = at_depth(config.images, config.depth)
     meta: dict[str, object] = {"seed": seed, "needle_image": None, "needle_sentence": None}
-    meta |= {k: getattr(config, k) for k in ("task", "sentences", "images", "depth")}
+    meta |= {k: getattr(config, k) for k in ("task", "sentences", "images", "depth", "haystack")}
     task = config.task
     if task in ("colour", "shape", "which"):
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)

@@ -128,3 +128,28 @@ def test_every_answer_ends_a_training_row_as_its_own_tokens() -> None:
     assert (inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 64 * 2 * len(
         samples
     )
+
+
+def test_filler_samples_are_seeded_as_before_the_haystack_field() -> None:
+    """The trained weights' held-out set is filler samples: adding ``haystack`` must not redraw them."""
+    config = SmolConfig("colour", sentences=7, images=2, depth=0.25)
+    assert config.seed_key() == repr(config).replace(", haystack='filler'", "")
+    assert SmolConfig("colour", 7, 2, 0.25, "prose").seed_key() != config.seed_key()
+
+
+@pytest.mark.parametrize("task", SMOL_TASKS)
+def test_a_prose_haystack_keeps_each_task_and_its_needle(task: str) -> None:
+    filler = make_smol_sample(SmolConfig(task, sentences=20, images=6, depth=0.4), 9)
+    prose = make_smol_sample(SmolConfig(task, sentences=20, images=6, depth=0.4, haystack="prose"), 9)
+    assert prose.question == filler.question and prose.meta["haystack"] == "prose"
+    assert "There and back again." not in prose.text() and len(prose.text()) > 2 * len(filler.text())
+    if task == "colour":
+        assert _needle_colours(prose.images[prose.meta["needle_image"]]) == [prose.answer]
+    if task in ("key", "lookup"):
+        assert (f"The key is {prose.answer}." in prose.text()) == (task == "key")
+        assert (f"holds {prose.answer}." in prose.text()) == (task == "lookup")
+
+
+def test_an_unknown_haystack_is_refused() -> None:
+    with pytest.raises(ValueError, match="haystack"):
+        SmolConfig("colour", haystack="novel")

@@ -58,6 +58,21 @@ def test_the_card_reports_the_runs_numbers(metrics: dict[str, Any]) -> None:
     for task, accuracy in metrics["eval"]["accuracy"].items():
         assert f"| {task} | {accuracy:.3f} |" in card
     assert f"{metrics['vision_parameters']:,} parameters" in card
+    record = metrics
+    while record:  # every run that made the weights, by its command
+        assert f"    {record['command']}\n" in card
+        record = record.get("previous")
+    for task, accuracy in metrics.get("eval_long", {}).get("accuracy", {}).items():
+        assert f"{task} ({accuracy:.2f})" in card
+
+
+def test_a_continuation_records_the_run_it_started_from(tmp_path: Path) -> None:
+    first = {"run": {"train_s": 60.0, "warm_s": 6.0}, "eval": {"accuracy": {"colour": 0.5}}, "train_config": {}}
+    (tmp_path / smol_vl.METRICS_FILE).write_text(json.dumps(first))
+    previous = smol_vl.previous_run(tmp_path / smol_vl.METRICS_FILE)
+    assert previous is not None and previous["train_s"] == 66.0 and previous["accuracy"] == {"colour": 0.5}
+    assert previous["command"].startswith("python -m benchmarks.train_smol_vl")  # the first run did not record one
+    assert smol_vl.previous_run(tmp_path / "missing.json") is None
 
 
 @pytest.fixture(scope="module")
