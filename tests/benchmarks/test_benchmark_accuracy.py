@@ -4,12 +4,14 @@ the same noise, which is what the agreement check needs)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from benchmarks import accuracy
+from benchmarks.needles.suite import FILLER
 from madakv_sglang.checkpoints import write_checkpoint
 
 
@@ -79,3 +81,15 @@ def test_engine_only_policies_are_refused_on_the_hf_path(tmp_path: Path) -> None
     model = write_checkpoint("qwen2_vl", tmp_path / "model", seed=0)
     with pytest.raises(SystemExit, match="madakv-chunk: these run in the engine only"):
         accuracy.main(["--model", str(model), "--policies", "madakv-chunk", "--path", "hf", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("haystack", ["filler", "prose"])
+def test_smol_samples_take_the_haystack_asked_for(haystack: str) -> None:
+    args = argparse.Namespace(
+        suite="smol", tasks=["colour"], contexts=["2x6", "3x9"], images=4, sentences=80, samples=2, seed=10_000
+    )
+    samples = accuracy.suite_samples(argparse.Namespace(**vars(args), haystack=haystack), argparse.ArgumentParser())
+    assert [(s.config.images, s.config.sentences) for s in samples] == [(2, 6), (2, 6), (3, 9), (3, 9)]
+    assert {s.config.haystack for s in samples} == {haystack}
+    has_filler = [any(sentence in s.text() for sentence in FILLER) for s in samples]
+    assert has_filler == [haystack == "filler"] * len(samples)
