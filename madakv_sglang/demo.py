@@ -60,8 +60,9 @@ STORY = (
     "When the lamp was electrified in 1920 the keepers were sent away, and the house beside the tower was let to "
     "summer visitors, who still write in a guest book that asks them what they saw from the gallery at dusk."
 )
-STORY_QUESTION = "Who lit the lamp every evening for thirty years?"
-STORY_ANSWER = "Ada Moss"
+# (SmolLM2-135M answers "Who lit the lamp every evening for thirty years?" by retelling the first sentence.)
+STORY_QUESTION = "What was the dog called?"
+STORY_ANSWER = "Biscuit"
 FRONTEND_QUESTION = "What color is the shape in the image?"
 FRONTEND_FOLLOW_UP = "Now another question: what is the capital of France?"  # SmolLM2's own knowledge
 FRONTEND_FOLLOW_UP_ANSWER = "Paris"
@@ -145,7 +146,7 @@ def prepare(work_dir: Path) -> tuple[Path, list[Question], Frontend]:
     # The task smol-vl answers with the full cache (its model card: colour 1.00 held out, and among 8 images in
     # 1.2k tokens of prose; the others it was trained on are far below and would show its limits, not eviction's).
     drawn = [
-        ("chat: colour, 1 of 8 images, prose", smol("colour", 8, 40, 0.3, "prose"), False),
+        ("chat: colour, 1 of 8, prose", smol("colour", 8, 40, 0.3, "prose"), False),
         ("chat: colour, 1 of 4 images", smol("colour", 4, 50, 0.9), False),
         ("chat: text only", None, False),
         ("chat (stream): colour, 1 of 6", smol("colour", 6, 30, 0.6), True),
