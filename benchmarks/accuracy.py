@@ -402,6 +402,8 @@ def suite_samples(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         contexts = [tuple(int(x) for x in c.split("x")) for c in args.contexts or [f"{args.images}x{args.sentences}"]]
     except ValueError:
         parser.error(f"--contexts {args.contexts}: expected IMAGESxSENTENCES, e.g. 8x100")
+    if args.suite == "needle" and args.haystack != "filler":
+        parser.error(f"--haystack {args.haystack}: only the smol suite has another haystack")
     samples = []
     for task in tasks:
         for images, sentences in contexts:

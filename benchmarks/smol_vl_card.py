@@ -47,8 +47,8 @@ the 2x2 merger) of smol-vl, a Qwen2-VL checkpoint whose language model is SmolLM
 
 ## Training
 
-- Only `model.visual.*` is updated (AdamW, betas 0.9 / 0.98, weight decay {cfg["weight_decay"]}, peak lr
-  {cfg["lr"]}, {cfg["warmup"]} warm-up steps, cosine to {cfg["final_lr_ratio"]} x peak, gradient clip {cfg["clip"]});
+- Only `model.visual.*` is updated (AdamW, betas 0.9 / 0.98, weight decay {cfg["weight_decay"]}, peak lr and
+  warm-up steps by run {_schedules(metrics)}, cosine to {cfg["final_lr_ratio"]} x peak, gradient clip {cfg["clip"]});
   forward autocast to bfloat16: {cfg["bf16"]}.
 {_warm_start(metrics)}
 - Data: `benchmarks.needles.smol` prompts drawn fresh every step (seeds >= 1,000,000), each rendered as served:
@@ -62,8 +62,9 @@ the 2x2 merger) of smol-vl, a Qwen2-VL checkpoint whose language model is SmolLM
 |---|---|---|---|---|---|---|
 {stages}
 
-- Wall time: {run["train_s"] / 60:.1f} min of training ({run.get("total_s", run["train_s"]) / 60:.1f} min with
-  evaluation) on {metrics["machine"]}, shared with other work.
+- Wall time of the last run: {run["train_s"] / 60:.1f} min of training
+  ({run.get("total_s", run["train_s"]) / 60:.1f} min with evaluation) on {metrics["machine"]}, shared with other
+  work; {_total_minutes(metrics):.0f} min of training over all runs.
 
 ## Held-out accuracy, full cache
 
@@ -89,7 +90,7 @@ By number of images ({" / ".join(map(str, grid["images"]))}):
 ## What it can and cannot show
 
 - Can: {_can(ev["accuracy"])}
-- Cannot (yet): {_cannot(ev["accuracy"])}. This run trained the vision side for {run["train_s"] / 60:.0f} minutes;
+- Cannot (yet): {_cannot(ev["accuracy"])}. The vision side trained for {_total_minutes(metrics):.0f} minutes in all;
   every step through SmolLM2 costs about half a second per prompt on this machine, and these tasks need more of
   them, or a language model that reads text facts better than a 135M one (SmolLM2 alone, given the image as
   text, already fails the lookup and which-image questions).
@@ -106,7 +107,13 @@ def _warm_start(metrics: dict[str, Any]) -> str:
     """The card's line on how the vision side started: the warm start's numbers, or the weights it resumed."""
     cfg, run = metrics["train_config"], metrics["run"]
     if not run.get("warm_history"):
-        return f"- Started from `{metrics.get('init')}` (no warm start): this run trained those weights further."
+        first = _runs(metrics)[0]["train_config"]
+        return (
+            f"- Run 1 began with a warm start ({first['warm_steps']} steps of {first['warm_batch']} images, the"
+            " language model not run: each image token pulled onto SmolLM2's input embedding of the object's colour"
+            " word or of what the image shows). The last run started from"
+            f" `{metrics.get('init')}` and trained those weights further."
+        )
     steps, batch = cfg["warm_steps"], cfg["warm_batch"]
     return f"""- Warm start, the language model not run: {steps} steps of {batch} images (nothing, a shape, a digit, or
   1-4 shapes), each image token pulled onto a SmolLM2 input embedding: the object's colour
@@ -142,11 +149,12 @@ def _lineage(metrics: dict[str, Any]) -> str:
     return f"{lead}\n\n{commands}"
 
 
-def _stage_rows(metrics_cfg: dict[str, Any]) -> str:
+def _stage_rows(runs: list[tuple[int, dict[str, Any]]]) -> str:
+    """The curriculum table's rows: (run number, that run's train_config) for every run."""
     return "\n".join(
         f"| {run} | {i} | {s['steps']} | {', '.join(f'{t} {n}' for t, n in s['mix'].items())} | "
         f"{s['sentences'][0]}-{s['sentences'][1]} | {s['images'][0]}-{s['images'][1]} | {s.get('haystack', 'filler')} |"
-        for run, cfg in metrics_cfg
+        for run, cfg in runs
         for i, s in enumerate(cfg["stages"])
     )
 
@@ -180,15 +188,31 @@ prose sentences (`benchmarks.needles.prose`); about 1.2k, 2.3k and 4k tokens.
 
 
 def _long_verdict(metrics: dict[str, Any]) -> str:
+    """Which (task, haystack) cells of the long table reach :data:`GOOD`."""
     long = metrics.get("eval_long")
     if not long:
         return "not evaluated here."
-    good = [f"{t} ({v:.2f})" for t, v in long["accuracy"].items() if v >= GOOD]
-    bad = [f"{t} ({v:.2f})" for t, v in long["accuracy"].items() if v < GOOD]
-    return (
-        f"at {GOOD:.0%} or more: {', '.join(good) or 'none'}; below: {', '.join(bad) or 'none'} (the table above). "
-        "SmolLM2-135M itself loses text facts at these lengths: the key task is text only."
+    cells = [
+        (f"{task} among {images} images", long["cells"][f"{task} i{images}"])
+        for task in long["accuracy"]
+        for images, _ in long["contexts"]
+    ]
+    good = [f"{name} ({value:.2f})" for name, value in cells if value >= GOOD]
+    bad = [f"{name} ({value:.2f})" for name, value in cells if value < GOOD]
+    return f"at {GOOD:.0%} or more: {', '.join(good) or 'none'}; below: {', '.join(bad) or 'none'} (the table above)."
+
+
+def _schedules(metrics: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{n}: {r['train_config']['lr']} / {r['train_config']['warmup']}" for n, r in enumerate(_runs(metrics), start=1)
     )
+
+
+def _total_minutes(metrics: dict[str, Any]) -> float:
+    """Training minutes over every run, warm starts included."""
+    run = metrics["run"]
+    last = run["train_s"] + run.get("warm_s", 0.0)
+    return (last + sum(r["train_s"] for r in _runs(metrics)[:-1])) / 60
 
 
 def _versus_previous(metrics: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ more text.
 6-16 images among prose (:mod:`benchmarks.needles.prose`), where the first curriculum's weights fail (a reply
 such as "The shape in the images is a square"), then a short refresh on every task. The committed weights are the
 first curriculum followed by this one. It bought the colour needle at 1.2k tokens and cost the text key among
-distractor images (0.83 to 0.12 held out): the images now speak louder than the text (model card).
+distractor images (0.83 to 0.12 held out): the images seem to draw SmolLM2 away from the text (model card).
 
 Training seeds start at ``TRAIN_SEED_BASE``; the held-out evaluation uses seeds below it. Besides the card's
 short prompts, :func:`long_eval_samples` measures the long contexts among prose.
@@ -125,6 +125,7 @@ class SmolTrainConfig:
     threads: int = 2
     warm_steps: int = 250  # vision-only steps of :func:`warm_start` before the curriculum
     warm_batch: int = 32
+    resumed_warmup: int = 5  # warm-up steps of a continuation (``--init``): its weights are trained already
     bf16: bool = True  # autocast the forward to bfloat16: 1.9x faster here (AMX), same loss to 3 digits
     stages: tuple[SmolStage, ...] = field(default=STAGES)
 
@@ -431,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             SmolStage(max(1, round(s.steps * args.steps_scale)), s.sentences, s.images, s.mix, s.haystack)
             for s in CURRICULA[args.curriculum]
         )
-        warm, warmup = (0, 5) if args.init else (SmolTrainConfig.warm_steps, SmolTrainConfig.warmup)
+        defaults = SmolTrainConfig
+        warm, warmup = (0, defaults.resumed_warmup) if args.init else (defaults.warm_steps, defaults.warmup)
         cfg = SmolTrainConfig(
             seed=args.seed, threads=args.threads, stages=stages, warm_steps=warm, warmup=warmup, lr=args.lr
         )
@@ -451,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_started = time.monotonic()
     metrics["eval"] = evaluate(model, processor, eval_samples(args.eval_per_cell))
     metrics["eval"]["eval_s"] = round(time.monotonic() - eval_started, 1)
+    metrics.pop("eval_long", None)  # an --eval-only run must not keep a stale one
     if args.long_eval_per_cell:
         long_started = time.monotonic()
         metrics["eval_long"] = evaluate(model, processor, long_eval_samples(args.long_eval_per_cell))

@@ -96,7 +96,7 @@ _TEMPLATES = (
 
 
 def prose_sentences(rng: random.Random, count: int) -> list[str]:
-    """``count`` sentences of the grammar, drawn with ``rng`` (about 11 tokens each in SmolLM2's tokenizer)."""
+    """``count`` sentences of the grammar, drawn with ``rng`` (about 14 tokens each in SmolLM2's tokenizer)."""
     return [_sentence(rng) for _ in range(count)]
 
 

@@ -74,7 +74,7 @@ class SmolConfig:
 
     Attributes:
         task: one of :data:`SMOL_TASKS` (module docstring).
-        sentences: haystack sentences (SmolLM2 tokenizes a filler sentence as ~5 tokens, a prose one as ~11).
+        sentences: haystack sentences (SmolLM2 tokenizes a filler sentence as ~5 tokens, a prose one as ~14).
         images: numbered images (64 tokens each); every task needs >= 1.
         depth: where the needle sits, 0 (start) .. 1 (end): among the images for image needles, in the text for
             ``key``.

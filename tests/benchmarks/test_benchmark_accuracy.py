@@ -93,3 +93,11 @@ def test_smol_samples_take_the_haystack_asked_for(haystack: str) -> None:
     assert {s.config.haystack for s in samples} == {haystack}
     has_filler = [any(sentence in s.text() for sentence in FILLER) for s in samples]
     assert has_filler == [haystack == "filler"] * len(samples)
+
+
+def test_the_needle_suite_refuses_a_prose_haystack() -> None:
+    args = argparse.Namespace(
+        suite="needle", tasks=["text"], contexts=None, images=1, sentences=3, samples=1, seed=1, haystack="prose"
+    )
+    with pytest.raises(SystemExit):
+        accuracy.suite_samples(args, argparse.ArgumentParser())

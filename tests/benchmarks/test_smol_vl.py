@@ -62,8 +62,10 @@ def test_the_card_reports_the_runs_numbers(metrics: dict[str, Any]) -> None:
     while record:  # every run that made the weights, by its command
         assert f"    {record['command']}\n" in card
         record = record.get("previous")
-    for task, accuracy in metrics.get("eval_long", {}).get("accuracy", {}).items():
-        assert f"{task} ({accuracy:.2f})" in card
+    long = metrics["eval_long"]
+    for task in long["accuracy"]:  # the long-context table, row by row
+        cells = [long["cells"][f"{task} i{images}"] for images, _ in long["contexts"]]
+        assert f"| {task} | " + " | ".join(f"{value:.2f}" for value in cells) + " |" in card
 
 
 def test_a_continuation_records_the_run_it_started_from(tmp_path: Path) -> None:
