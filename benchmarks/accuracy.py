@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.needles import TASKS, NeedleConfig, NeedleSample, is_correct, make_sample, prompt_inputs, prompt_text
-from benchmarks.needles.smol import SMOL_TASKS, SmolConfig, make_smol_sample
+from benchmarks.needles.smol import HAYSTACKS, SMOL_TASKS, SmolConfig, make_smol_sample
 from benchmarks.needles.suite import png_data_url
 from madakv_sglang.config import PolicyConfig
 from madakv_sglang.layout import slot_count
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--haystack",
-        choices=["filler", "prose"],
+        choices=HAYSTACKS,
         default="filler",
         help="smol only: the needle suite's repeated filler, or narrative prose (benchmarks.needles.prose)",
     )

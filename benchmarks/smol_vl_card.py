@@ -20,7 +20,7 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
     tasks = [t for t in SMOL_TASKS if t in ev["accuracy"]]
     accuracy = "\n".join(f"| {t} | {ev['accuracy'][t]:.3f} | {ev['count'][t]} |" for t in tasks)
     by_images = "\n".join(
-        f"| {t} | " + " | ".join(f"{ev['cells'][f'{t} i{n}']:.2f}" for n in grid["images"]) + " |" for t in tasks
+        f"| {t} | " + " | ".join(f"{_cell(ev, t, n):.2f}" for n in grid["images"]) + " |" for t in tasks
     )
     wrong = "\n".join(
         f"- {t}: " + "; ".join(f"expected {w['expected']!r}, said {w['reply']!r}" for w in ev["wrong_examples"][t])
@@ -131,6 +131,11 @@ def _cannot(accuracy: dict[str, float]) -> str:
     return ", ".join(f"{task} ({value:.2f})" for task, value in accuracy.items() if value < GOOD) or "none"
 
 
+def _cell(evaluation: dict[str, Any], task: str, images: int) -> float:
+    """Accuracy of one (task, images) cell of ``train_smol_vl.evaluate``'s results."""
+    return float(evaluation["cells"][f"{task} i{images}"])
+
+
 def _runs(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Every run that made the weights, first to last (a continuation records the run it started from)."""
     chain, record = [], metrics
@@ -142,7 +147,7 @@ def _runs(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _lineage(metrics: dict[str, Any]) -> str:
     runs = _runs(metrics)
-    commands = "\n".join(f"    {r.get('command') or '(command not recorded)'}" for r in runs)
+    commands = "\n".join(f"    {r['command']}" for r in runs)
     lead = (
         "It was trained by" if len(runs) == 1 else f"It was trained in {len(runs)} runs, each from the last's weights:"
     )
@@ -167,7 +172,7 @@ def _long_contexts(metrics: dict[str, Any]) -> str:
     contexts = long["contexts"]
     header = " | ".join(f"{images} images, {sentences} sentences" for images, sentences in contexts)
     rows = "\n".join(
-        f"| {task} | " + " | ".join(f"{long['cells'][f'{task} i{images}']:.2f}" for images, _ in contexts) + " |"
+        f"| {task} | " + " | ".join(f"{_cell(long, task, images):.2f}" for images, _ in contexts) + " |"
         for task in long["accuracy"]
     )
     wrong = "; ".join(
@@ -193,7 +198,7 @@ def _long_verdict(metrics: dict[str, Any]) -> str:
     if not long:
         return "not evaluated here."
     cells = [
-        (f"{task} among {images} images", long["cells"][f"{task} i{images}"])
+        (f"{task} among {images} images", _cell(long, task, images))
         for task in long["accuracy"]
         for images, _ in long["contexts"]
     ]

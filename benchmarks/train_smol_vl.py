@@ -432,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             SmolStage(max(1, round(s.steps * args.steps_scale)), s.sentences, s.images, s.mix, s.haystack)
             for s in CURRICULA[args.curriculum]
         )
-        defaults = SmolTrainConfig
-        warm, warmup = (0, defaults.resumed_warmup) if args.init else (defaults.warm_steps, defaults.warmup)
+        resumed = args.init is not None
+        warm = 0 if resumed else SmolTrainConfig.warm_steps
+        warmup = SmolTrainConfig.resumed_warmup if resumed else SmolTrainConfig.warmup
         cfg = SmolTrainConfig(
             seed=args.seed, threads=args.threads, stages=stages, warm_steps=warm, warmup=warmup, lr=args.lr
         )
